@@ -1,0 +1,155 @@
+"""The Lovász extension of the Jaccard loss, evaluated on rows of errors.
+
+Everything in this module works on rows: ``errors [..., P]`` (non-negative),
+``fg [..., P]`` (the foreground indicator) and ``valid [..., P]``. It knows
+nothing about softmax, images or classes.
+
+For one row, with the valid pixels put in descending order of error and
+``g`` foreground pixels among them, Alg. 1 of Berman et al. gives the weight
+of the i-th pixel as ``J_i - J_{i-1}``, where ``J_i`` is the Jaccard loss of
+predicting the first i pixels as foreground. Taking that difference in floating
+point cancels catastrophically at millions of pixels, so the weights are
+computed in closed form from integer counts ``tp_i`` and ``fp_i`` instead::
+
+    foreground pixel:  1 / (g + fp_i)
+    background pixel:  (g - tp_i) / ((g + fp_i - 1) * (g + fp_i)),
+                       or 1 when g + fp_i - 1 == 0 (the first pixel of a row
+                       with no foreground).
+
+The loss of a row is the dot product of its errors with those weights. The
+extension is piecewise linear, so its gradient with respect to the errors is
+the weight vector itself: the weights are computed outside of autodiff
+(never differentiating through a sort) and the row loss is ``sum(errors * w)``.
+At tied errors any order of the tied pixels gives a valid subgradient; ties
+are broken by putting foreground pixels first, then by the sort's order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lovasz_jax import _cpu
+
+_KEY_DTYPES = {4: jnp.uint32, 8: jnp.uint64}
+
+
+def encode_keys(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
+  """Packs error, foreground bit and validity into one unsigned sort key.
+
+  A non-negative float's bit pattern, read as an unsigned integer, has the
+  same order as the float, and its sign bit is free. So
+  ``key = ((bits(error) << 1) | fg) + 1`` orders pixels by error (foreground
+  first at equal errors), and 0 marks a void pixel, which sorts last. A
+  single-operand integer sort then carries everything the weights need.
+
+  Args:
+    errors: float errors ``[..., P]``, non-negative (NaN sorts as +inf).
+    fg: boolean foreground indicator ``[..., P]``.
+    valid: boolean validity ``[..., P]``.
+
+  Returns:
+    ``uint32`` keys for float32 errors, ``uint64`` for float64.
+  """
+  errors = lax.stop_gradient(errors)
+  errors = jnp.where(jnp.isnan(errors), jnp.inf, jnp.maximum(errors, 0))
+  key_dtype = _KEY_DTYPES[errors.dtype.itemsize]
+  bits = lax.bitcast_convert_type(errors, key_dtype)
+  keys = ((bits << 1) | fg.astype(key_dtype)) + 1
+  return jnp.where(valid, keys, 0).astype(key_dtype)
+
+
+def closed_form_weights(fg_sorted: jax.Array, valid_sorted: jax.Array,
+                        dtype) -> jax.Array:
+  """Alg. 1 weights of rows already in descending order of error.
+
+  Args:
+    fg_sorted: boolean ``[..., P]``, foreground indicators in sorted order.
+    valid_sorted: boolean ``[..., P]``; void pixels must come last.
+    dtype: float dtype of the result.
+
+  Returns:
+    The weights ``[..., P]``, 0 at void pixels.
+  """
+  fg = fg_sorted & valid_sorted
+  tp = jnp.cumsum(fg, axis=-1, dtype=jnp.int32)
+  # Void pixels are last, so the number of valid pixels seen is position + 1.
+  seen = lax.broadcasted_iota(jnp.int32, fg.shape, fg.ndim - 1) + 1
+  fp = seen - tp
+  g = tp[..., -1:]
+  union = (g + fp).astype(dtype)
+  before = g + fp - 1
+  w_fg = 1 / jnp.where(fg, union, 1)
+  w_bg = jnp.where(
+      before == 0, 1,
+      (g - tp).astype(dtype) / (jnp.maximum(before, 1).astype(dtype) * union))
+  return jnp.where(valid_sorted, jnp.where(fg, w_fg, w_bg), 0).astype(dtype)
+
+
+def _weights_xla(keys: jax.Array) -> jax.Array:
+  """Portable path: one XLA sort with the pixel index as payload."""
+  axis = keys.ndim - 1
+  index = lax.broadcasted_iota(jnp.int32, keys.shape, axis)
+  # ~key ascending is key descending; a stable sort makes ties deterministic.
+  neg_sorted, perm = lax.sort((~keys, index), dimension=axis, num_keys=1,
+                              is_stable=True)
+  keys_sorted = ~neg_sorted
+  valid = keys_sorted != 0
+  fg = ((keys_sorted - 1) & 1) == 1
+  dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
+  w_sorted = closed_form_weights(fg, valid, dtype)
+  # Scatter the weights back to pixel order along the last axis.
+  lead = [lax.broadcasted_iota(jnp.int32, keys.shape, d) for d in range(axis)]
+  return jnp.zeros(keys.shape, dtype).at[(*lead, perm)].set(
+      w_sorted, unique_indices=True)
+
+
+def pixel_weights(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
+  """The Lovász weight of every pixel of every row, in pixel order."""
+  keys = encode_keys(errors, fg, valid)
+  if keys.shape[-1] == 0:
+    return jnp.zeros(keys.shape, errors.dtype)
+  if not _cpu.available():
+    return _weights_xla(keys)
+  return lax.platform_dependent(keys, cpu=_cpu.weights, default=_weights_xla)
+
+
+def row_losses(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
+  """Lovász extension of the Jaccard loss for each row ``[..., P] -> [...]``.
+
+  Differentiable in ``errors``; its gradient is the Alg. 1 weight of each
+  pixel (0 at void pixels).
+  """
+  w = pixel_weights(errors, fg, valid)
+  return jnp.sum(errors * w, axis=-1)
+
+
+def lovasz_grad(fg_sorted: jax.typing.ArrayLike) -> jax.Array:
+  """Alg. 1 of Berman et al.: weights of foreground indicators sorted by error.
+
+  The Lovász extension of the Jaccard loss at an error vector ``e`` is
+  ``dot(e_sorted, lovasz_grad(fg_sorted))``, where ``e_sorted`` is ``e`` in
+  descending order and ``fg_sorted`` the foreground indicators in that order.
+  The weights are the increments ``J_i - J_{i-1}`` of the Jaccard loss
+  ``J_i = 1 - (g - tp_i) / (g + fp_i)`` (with ``J_0 = 0``), computed in
+  closed form from integer counts so that they stay exact at any size.
+
+  Args:
+    fg_sorted: ``[..., P]`` foreground indicators (bool, or numbers 0/1),
+      sorted by descending error along the last axis. Leading axes are batch.
+
+  Returns:
+    float32 weights ``[..., P]`` (float64 if the input is float64). They
+    telescope to ``J_P = 1``: every non-empty row's weights sum to 1.
+
+  References:
+    Berman, Rannen Triki & Blaschko, "The Lovász-Softmax loss", CVPR 2018,
+    Algorithm 1.
+  """
+  fg_sorted = jnp.asarray(fg_sorted)
+  dtype = jnp.promote_types(
+      fg_sorted.dtype if jnp.issubdtype(fg_sorted.dtype, jnp.floating)
+      else jnp.float32, jnp.float32)
+  fg = fg_sorted.astype(bool)
+  return closed_form_weights(fg, jnp.ones_like(fg), dtype)

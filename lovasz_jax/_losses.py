@@ -1,0 +1,277 @@
+"""Lovász losses: build rows of errors, call the extension, reduce.
+
+Each loss is a thin public function that validates its inputs at trace time
+(shapes, dtypes, option values) and then calls a jitted implementation whose
+options are static. So a direct call, a call inside the user's ``jax.jit``,
+and ``jax.jit(loss, static_argnames=...)`` all work.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lovasz_jax import _extension
+from lovasz_jax import _inputs
+
+ClassesLike = Literal["present", "all"] | tuple[int, ...] | list[int]
+
+SOFTMAX_STATIC_ARGNAMES = (
+    "axis", "classes", "per_image", "ignore_index", "from_logits")
+HINGE_STATIC_ARGNAMES = ("per_image", "ignore_index")
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  ok = den != 0
+  return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def reduce_rows(losses: jax.Array, counted: jax.Array,
+                weights: jax.Array | None = None) -> jax.Array:
+  """Weighted mean over counted rows of each group, then mean over groups.
+
+  Args:
+    losses: ``[G, K]`` the loss of each row (group x class).
+    counted: ``[G, K]`` whether each row counts.
+    weights: optional ``[K]`` weights of the classes.
+
+  Returns:
+    A scalar: the mean, over groups with at least one counted row, of the
+    weighted mean of their counted rows; 0 when no row counts anywhere.
+  """
+  if weights is None:
+    w = counted.astype(losses.dtype)
+  else:
+    w = jnp.where(counted, weights[None, :].astype(losses.dtype), 0)
+  per_group = _safe_div(jnp.sum(jnp.where(counted, w * losses, 0), axis=-1),
+                        jnp.sum(w, axis=-1))
+  group_counted = jnp.any(counted, axis=-1)
+  return _safe_div(jnp.sum(jnp.where(group_counted, per_group, 0)),
+                   jnp.sum(group_counted).astype(losses.dtype))
+
+
+def _groups(x: jax.Array, per_image: bool, tail: int = 0) -> jax.Array:
+  """Reshape ``[B, ..., *tail]`` to ``[G, P, *tail]`` (G = B or 1)."""
+  keep = x.shape[x.ndim - tail:] if tail else ()
+  g = x.shape[0] if per_image else 1
+  return x.reshape((g, -1) + keep)
+
+
+def lovasz_softmax(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis: int = -1,
+    classes: ClassesLike = "present",
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    from_logits: bool = True,
+) -> jax.Array:
+  r"""The Lovász-Softmax loss: a convex surrogate of the mean of 1 - IoU.
+
+  For each counted class :math:`c`, with errors
+  :math:`m_i(c) = |\mathbb{1}[y_i = c] - p_i(c)|` over the valid pixels,
+
+  .. math::
+    \ell_c = \sum_i m_{\pi(i)}(c)\, g_i(\pi, c), \qquad
+    \text{loss} = \frac{\sum_c w_c \ell_c}{\sum_c w_c},
+
+  where :math:`\pi` sorts the errors in descending order and :math:`g` are
+  the Alg. 1 weights (:func:`lovasz_grad`), computed exactly from integer
+  counts. For one-hot probabilities the loss is the mean over present
+  classes of :math:`1 - \text{IoU}`.
+
+  Edges: void pixels (``where`` false or label ``ignore_index``) take part in
+  nothing and get exactly zero gradient. A group (the batch, or one image with
+  ``per_image``) with no valid pixel counts no class; when nothing is counted
+  anywhere the loss is 0 with a zero gradient, never NaN.
+
+  The options ``axis``, ``classes``, ``per_image``, ``ignore_index`` and
+  ``from_logits`` are Python values; to wrap the loss in ``jax.jit`` yourself
+  with any of them as arguments, use
+  ``jax.jit(lovasz_softmax, static_argnames=lovasz_jax.SOFTMAX_STATIC_ARGNAMES)``
+  (or bind them with ``functools.partial``).
+
+  Args:
+    logits: float ``[B, ..., C]`` scores, any number of spatial axes; the
+      class axis is ``axis``. bfloat16/float16 are computed in float32 and the
+      gradient has the logits' dtype.
+    labels: integer ``[B, ...]``: the logits' shape without the class axis.
+      Valid labels must be in ``[0, C)``: a concrete call raises
+      ``ValueError`` otherwise; under ``jax.jit`` the loss is NaN instead.
+    axis: the class axis; -1 (channels-last, Flax's NHWC) or 1 for NCHW.
+    classes: ``"present"`` (classes with at least one valid foreground pixel
+      in the group), ``"all"``, or a sequence of class ids (each counts in a
+      group that has a valid pixel).
+    per_image: compute the loss per image (axis 0 of ``labels``), then average
+      over the images that count at least one class.
+    ignore_index: label value of void pixels.
+    where: boolean ``[B, ...]`` mask of valid pixels (the labels' shape);
+      combines with ``ignore_index``.
+    class_weights: float ``[C]``; the loss of a group is the weighted mean over
+      its counted classes (0 if their weights sum to 0).
+    from_logits: if False, ``logits`` are already probabilities.
+
+  Returns:
+    A scalar loss, in float32 (float64 for float64 logits).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, lovasz_jax
+    >>> probs = jnp.array([[1., 0.], [0., 1.], [0., 1.]])  # one-hot predictions
+    >>> labels = jnp.array([0, 0, 1])
+    >>> # IoU of class 0 is 1/2, of class 1 is 1/2: mean of 1 - IoU is 0.5.
+    >>> float(lovasz_jax.lovasz_softmax(probs, labels, from_logits=False))
+    0.5
+
+  References:
+    Berman, Rannen Triki & Blaschko, "The Lovász-Softmax loss: A tractable
+    surrogate for the optimization of the intersection-over-union measure in
+    neural networks", CVPR 2018 (arXiv:1705.08790).
+  """
+  logits = _inputs.as_float(logits, "logits")
+  labels = _inputs.as_int(labels, "labels")
+  if logits.ndim < 2:
+    raise ValueError(
+        "logits must have at least 2 dimensions ([B, ..., C]), got shape "
+        f"{logits.shape}.")
+  axis = _inputs.check_axis(axis, logits.ndim)
+  num_classes = logits.shape[axis]
+  if num_classes == 0:
+    raise ValueError(f"logits have no classes: shape {logits.shape}, axis {axis}.")
+  expected = logits.shape[:axis] + logits.shape[axis + 1:]
+  if labels.shape != expected:
+    raise ValueError(
+        f"labels must have the logits' shape without the class axis: logits "
+        f"{logits.shape} with axis={axis} need labels of shape {expected}, got "
+        f"{labels.shape}.")
+  classes = _inputs.check_classes(classes, num_classes)
+  per_image = _inputs.check_static_bool(per_image, "per_image")
+  from_logits = _inputs.check_static_bool(from_logits, "from_logits")
+  ignore_index = _inputs.check_ignore_index(ignore_index)
+  where = _inputs.check_where(where, labels.shape, "labels")
+  if class_weights is not None:
+    class_weights = jnp.asarray(class_weights)
+    if class_weights.shape != (num_classes,):
+      raise ValueError(
+          f"class_weights must have shape ({num_classes},) (one per class), "
+          f"got {class_weights.shape}.")
+    if not (jnp.issubdtype(class_weights.dtype, jnp.floating)
+            or jnp.issubdtype(class_weights.dtype, jnp.integer)):
+      raise TypeError(
+          f"class_weights must be numeric, got dtype {class_weights.dtype}.")
+  _inputs.check_label_range(labels, 0, num_classes, ignore_index, where,
+                            f"logits with {num_classes} classes")
+  return _softmax_impl(
+      logits, labels, where, class_weights, axis=axis, classes=classes,
+      per_image=per_image, ignore_index=ignore_index, from_logits=from_logits)
+
+
+@functools.partial(jax.jit, static_argnames=SOFTMAX_STATIC_ARGNAMES)
+def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
+                  per_image, ignore_index, from_logits):
+  dtype = _inputs.compute_dtype(logits.dtype)
+  x = jnp.moveaxis(logits, axis, -1).astype(dtype)
+  num_classes = x.shape[-1]
+  labels = labels.astype(jnp.int32)
+  valid = _inputs.valid_mask(labels, ignore_index, where)
+  # Void pixels take part in nothing, even when their logits are not finite.
+  x = jnp.where(valid[..., None], x, 0)
+  probs = jax.nn.softmax(x, axis=-1) if from_logits else x
+  ids = np.arange(num_classes) if isinstance(classes, str) else np.asarray(classes)
+  if not isinstance(classes, str):
+    probs = probs[..., ids]
+  probs = _groups(probs, per_image, tail=1)          # [G, P, K]
+  lab = _groups(labels, per_image)                   # [G, P]
+  val = _groups(valid, per_image)                    # [G, P]
+  fg = lab[:, None, :] == ids[None, :, None]         # [G, K, P]
+  errors = jnp.abs(fg.astype(dtype) - jnp.swapaxes(probs, 1, 2))
+  losses = _extension.row_losses(errors, fg, val[:, None, :])  # [G, K]
+  if classes == "present":
+    counted = jnp.any(fg & val[:, None, :], axis=-1)
+  else:
+    counted = jnp.broadcast_to(jnp.any(val, axis=-1, keepdims=True), losses.shape)
+  weights = None if class_weights is None else jnp.asarray(class_weights)[ids]
+  loss = reduce_rows(losses, counted, weights)
+  bad = _inputs.has_bad_labels(labels, valid, 0, num_classes)
+  return jnp.where(bad, jnp.nan, loss)
+
+
+def lovasz_hinge(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    per_image: bool = True,
+    ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""The binary Lovász hinge loss.
+
+  With signs :math:`s_i = 2 y_i - 1` and errors :math:`e_i = 1 - x_i s_i`,
+
+  .. math::
+    \text{loss} = \sum_i \max(e_{\pi(i)}, 0)\, g_i(\pi),
+
+  with :math:`\pi` the descending order of the errors and :math:`g` the
+  Alg. 1 weights of the foreground (``y = 1``) class. The foreground class
+  always counts, so an image without foreground is penalised by its largest
+  positive error.
+
+  Args:
+    logits: float ``[B, ...]`` real scores.
+    labels: ``[B, ...]`` values in {0, 1} (or ``ignore_index``). A concrete
+      call raises ``ValueError`` for other values; under ``jax.jit`` the loss
+      is NaN instead.
+    per_image: loss per image (axis 0), then the mean over images with at
+      least one valid pixel. Otherwise one loss over all pixels.
+    ignore_index: label value of void pixels.
+    where: boolean mask of valid pixels, the labels' shape.
+
+  Returns:
+    A scalar loss; 0 (with zero gradient) when no pixel is valid.
+
+  Examples:
+    >>> import jax.numpy as jnp, lovasz_jax
+    >>> logits = jnp.array([[2., -2., 0.5]])
+    >>> labels = jnp.array([[1, 0, 0]])
+    >>> float(lovasz_jax.lovasz_hinge(logits, labels))
+    0.75
+
+  References:
+    Berman, Rannen Triki & Blaschko, CVPR 2018, Sec. 3.1 (the Lovász hinge).
+  """
+  logits = _inputs.as_float(logits, "logits")
+  labels = _inputs.as_int(labels, "labels")
+  if logits.ndim < 1:
+    raise ValueError(f"logits must have a batch axis, got shape {logits.shape}.")
+  if labels.shape != logits.shape:
+    raise ValueError(
+        f"labels must have the logits' shape {logits.shape}, got {labels.shape}.")
+  per_image = _inputs.check_static_bool(per_image, "per_image")
+  ignore_index = _inputs.check_ignore_index(ignore_index)
+  where = _inputs.check_where(where, labels.shape, "labels")
+  _inputs.check_label_range(labels, 0, 2, ignore_index, where,
+                            "the binary Lovász hinge (labels must be 0 or 1)")
+  return _hinge_impl(logits, labels, where, per_image=per_image,
+                     ignore_index=ignore_index)
+
+
+@functools.partial(jax.jit, static_argnames=HINGE_STATIC_ARGNAMES)
+def _hinge_impl(logits, labels, where, *, per_image, ignore_index):
+  dtype = _inputs.compute_dtype(logits.dtype)
+  labels = labels.astype(jnp.int32)
+  valid = _inputs.valid_mask(labels, ignore_index, where)
+  x = jnp.where(valid, logits.astype(dtype), 0)
+  fg = labels == 1
+  errors = jax.nn.relu(1 - x * jnp.where(fg, 1, -1).astype(dtype))
+  val = _groups(valid, per_image)
+  losses = _extension.row_losses(
+      _groups(errors, per_image), _groups(fg, per_image), val)
+  loss = reduce_rows(losses[:, None], jnp.any(val, axis=-1)[:, None])
+  bad = _inputs.has_bad_labels(labels, valid, 0, 2)
+  return jnp.where(bad, jnp.nan, loss)

@@ -1,0 +1,89 @@
+"""The public surface and every bad-input error."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lovasz_jax
+
+
+def test_public_names_import():
+  for name in lovasz_jax.__all__:
+    assert getattr(lovasz_jax, name) is not None
+  assert re.fullmatch(r"\d+\.\d+\.\d+", lovasz_jax.__version__)
+
+
+def test_options_are_keyword_only():
+  x, y = jnp.zeros((1, 2, 3)), jnp.zeros((1, 2), jnp.int32)
+  with pytest.raises(TypeError):
+    lovasz_jax.lovasz_softmax(x, y, -1)  # pylint: disable=too-many-function-args
+  with pytest.raises(TypeError):
+    lovasz_jax.lovasz_hinge(x, y, True)  # pylint: disable=too-many-function-args
+
+
+X = np.zeros((2, 4, 4, 3), np.float32)
+Y = np.zeros((2, 4, 4), np.int32)
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(labels=np.zeros((2, 4, 5), np.int32)), ValueError,
+     r"labels of shape \(2, 4, 4\), got \(2, 4, 5\)"),
+    (dict(labels=np.zeros((2, 4, 4), np.float32)), TypeError,
+     r"labels must be an integer array, got dtype float32"),
+    (dict(logits=np.zeros((2, 4, 4, 3), np.int32)), TypeError,
+     r"logits must be a floating-point array, got dtype int32"),
+    (dict(logits=np.zeros((3,), np.float32), labels=np.zeros((), np.int32)),
+     ValueError, r"at least 2 dimensions"),
+    (dict(axis=4), ValueError, r"axis=4 is out of range for logits with 4 dimensions"),
+    (dict(axis=-5), ValueError, r"axis=-5 is out of range"),
+    (dict(axis=1.0), TypeError, r"axis must be an int, got 1.0"),
+    (dict(classes=[0, 3]), ValueError, r"class id 3 in classes is outside \[0, 3\)"),
+    (dict(classes=[-1]), ValueError, r"class id -1"),
+    (dict(classes=[]), ValueError, r"classes must not be empty"),
+    (dict(classes=[1, 1]), ValueError, r"repeated ids"),
+    (dict(classes="every"), ValueError, r'"present", "all" .* got \'every\''),
+    (dict(classes=1.5), TypeError, r"classes must be"),
+    (dict(class_weights=np.ones(4)), ValueError, r"class_weights must have shape \(3,\).*got \(4,\)"),
+    (dict(class_weights=np.ones((3, 1))), ValueError, r"got \(3, 1\)"),
+    (dict(where=np.ones((2, 4), bool)), ValueError, r"where must have the shape"),
+    (dict(where=np.ones((2, 4, 4), np.int32)), TypeError, r"where must be a boolean array"),
+    (dict(per_image="yes"), TypeError, r"per_image must be a Python bool, got 'yes'"),
+    (dict(ignore_index=2.5), TypeError, r"ignore_index must be an int or None, got 2.5"),
+    (dict(labels=np.full((2, 4, 4), 255)), ValueError,
+     r"outside \[0, 3\) for logits with 3 classes: 255. If 255 marks void pixels, pass ignore_index=255"),
+    (dict(labels=np.full((2, 4, 4), -1)), ValueError, r"-1"),
+])
+def test_softmax_bad_input(kwargs, error, pattern):
+  args = dict(logits=X, labels=Y)
+  args.update(kwargs)
+  logits, labels = args.pop("logits"), args.pop("labels")
+  with pytest.raises(error, match=pattern):
+    lovasz_jax.lovasz_softmax(logits, labels, **args)
+  # Trace-time checks fire inside jit too (the label-value check cannot; see
+  # test_out_of_range_labels_under_jit_give_nan).
+  if "255" not in pattern and "-1" != pattern:
+    with pytest.raises(error, match=pattern):
+      jax.jit(lambda a, b: lovasz_jax.lovasz_softmax(a, b, **args))(logits, labels)
+
+
+def test_traced_classes_are_rejected():
+  with pytest.raises(TypeError, match="classes must be static"):
+    jax.jit(lambda c: lovasz_jax.lovasz_softmax(X, Y, classes=c))(jnp.array([0, 1]))
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(labels=np.zeros((2, 5), np.int32)), ValueError, r"labels must have the logits' shape"),
+    (dict(labels=np.zeros((2, 4), np.float32)), TypeError, r"integer array"),
+    (dict(logits=np.zeros((2, 4), np.int32)), TypeError, r"floating-point"),
+    (dict(labels=np.full((2, 4), 3)), ValueError, r"outside \[0, 2\).*: 3"),
+    (dict(per_image=1), TypeError, r"per_image must be a Python bool"),
+])
+def test_hinge_bad_input(kwargs, error, pattern):
+  args = dict(logits=np.zeros((2, 4), np.float32), labels=np.zeros((2, 4), np.int32))
+  args.update(kwargs)
+  logits, labels = args.pop("logits"), args.pop("labels")
+  with pytest.raises(error, match=pattern):
+    lovasz_jax.lovasz_hinge(logits, labels, **args)
