@@ -86,13 +86,15 @@ def available() -> bool:
   return True
 
 
-def weights(keys: jax.Array) -> jax.Array:
-  """Lovász weights in pixel order, from ``encode_keys`` keys, on CPU."""
+def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Lovász weights in pixel order and row losses, from ``encode_keys`` keys."""
   if not available():
     raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
   out_dtype = "float32" if keys.dtype.itemsize == 4 else "float64"
   call = jax.ffi.ffi_call(
-      _TARGET, jax.ShapeDtypeStruct(keys.shape, out_dtype),
+      _TARGET,
+      (jax.ShapeDtypeStruct(keys.shape, out_dtype),
+       jax.ShapeDtypeStruct(keys.shape[:-1], out_dtype)),
       vmap_method="broadcast_all")
   return call(keys)
 

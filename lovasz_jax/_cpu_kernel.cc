@@ -3,14 +3,17 @@
 // Input: unsigned keys [..., P] made by lovasz_jax._extension.encode_keys:
 //   0 marks a void pixel; otherwise key = ((bits(error) << 1) | fg) + 1, so
 //   that a larger key means a larger error (and, at equal errors, fg first).
-// Output: float weights [..., P] (f32 for u32 keys, f64 for u64 keys): the
-//   weight that Alg. 1 of Berman et al. (CVPR 2018) gives each pixel once the
-//   row is put in descending order of error, written back at the pixel's own
-//   position. Void pixels get 0.
+// Outputs (f32 for u32 keys, f64 for u64 keys):
+//   weights [..., P]: the weight that Alg. 1 of Berman et al. (CVPR 2018)
+//     gives each pixel once the row is put in descending order of error,
+//     written back at the pixel's own position; void pixels get 0.
+//   losses [...]: each row's Lovász extension, sum(error * weight), with the
+//     errors decoded from the keys and the sum accumulated in double.
 //
-// Each row is sorted by a stable LSD radix sort (one byte per pass, passes
-// whose byte is the same for every key are skipped), then walked once with
-// integer counts; the weights use the closed form
+// Each row is sorted by a stable LSD radix sort (u32 keys: key and pixel
+// index packed in one u64, 11-bit digits, 3 passes; u64 keys: 8-bit digits;
+// passes whose digit is the same for every key are skipped), then walked once
+// with integer counts; the weights use the closed form
 //   foreground step: 1 / (g + fp)
 //   background step: (g - tp) / ((g + fp - 1) (g + fp))   (1 when g + fp == 1)
 // in double precision, so nothing cancels at any pixel count.
@@ -27,58 +30,53 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-template <typename K, typename F>
-void RowWeights(const K* keys, F* out, int64_t n, std::vector<K>& ka,
-                std::vector<K>& kb, std::vector<uint32_t>& ia,
-                std::vector<uint32_t>& ib) {
-  constexpr int kPasses = sizeof(K);
-  ka.resize(n);
-  kb.resize(n);
-  ia.resize(n);
-  ib.resize(n);
-  // Sort ascending on ~key, i.e. descending on key.
-  std::vector<int64_t> hist(kPasses * 256, 0);
-  int64_t g = 0;
+// Stable LSD radix sort of items by the bits [lo, lo + bits) of key(item).
+template <int kDigit, typename T, typename KeyFn>
+T* RadixSort(T* a, T* b, int64_t n, int lo, int bits, KeyFn key) {
+  constexpr int kBuckets = 1 << kDigit;
+  const int passes = (bits + kDigit - 1) / kDigit;
+  std::vector<int64_t> hist(static_cast<size_t>(passes) * kBuckets, 0);
   for (int64_t i = 0; i < n; ++i) {
-    const K k = keys[i];
-    g += (k != 0) & ((k - 1) & 1);
-    const K nk = static_cast<K>(~k);
-    ka[i] = nk;
-    ia[i] = static_cast<uint32_t>(i);
-    for (int p = 0; p < kPasses; ++p) ++hist[p * 256 + ((nk >> (8 * p)) & 0xff)];
+    const uint64_t k = key(a[i]) >> lo;
+    for (int p = 0; p < passes; ++p)
+      ++hist[p * kBuckets + ((k >> (kDigit * p)) & (kBuckets - 1))];
   }
-  K* src_k = ka.data();
-  K* dst_k = kb.data();
-  uint32_t* src_i = ia.data();
-  uint32_t* dst_i = ib.data();
-  for (int p = 0; p < kPasses; ++p) {
-    int64_t* h = &hist[p * 256];
+  for (int p = 0; p < passes; ++p) {
+    int64_t* h = &hist[static_cast<size_t>(p) * kBuckets];
     bool trivial = false;
-    for (int b = 0; b < 256; ++b) {
-      if (h[b] == n) trivial = true;
-    }
-    if (trivial) continue;
     int64_t sum = 0;
-    for (int b = 0; b < 256; ++b) {
-      const int64_t c = h[b];
-      h[b] = sum;
+    for (int d = 0; d < kBuckets; ++d) {
+      const int64_t c = h[d];
+      trivial |= c == n;
+      h[d] = sum;
       sum += c;
     }
-    const int shift = 8 * p;
+    if (trivial) continue;
+    const int shift = lo + kDigit * p;
     for (int64_t i = 0; i < n; ++i) {
-      const K k = src_k[i];
-      const int64_t d = h[(k >> shift) & 0xff]++;
-      dst_k[d] = k;
-      dst_i[d] = src_i[i];
+      const T item = a[i];
+      b[h[(key(item) >> shift) & (kBuckets - 1)]++] = item;
     }
-    std::swap(src_k, dst_k);
-    std::swap(src_i, dst_i);
+    std::swap(a, b);
   }
+  return a;
+}
+
+// Walks one row in descending key order; returns the row's loss.
+// sorted_key(i) and pixel(i) give the i-th key and its pixel.
+template <typename K, typename F, typename SortedKey, typename Pixel>
+double Walk(int64_t n, int64_t g, SortedKey sorted_key, Pixel pixel, F* out) {
+  using Bits = std::conditional_t<sizeof(K) == 4, uint32_t, uint64_t>;
+  using Real = std::conditional_t<sizeof(K) == 4, float, double>;
   int64_t tp = 0, fp = 0;
+  double loss = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const K k = static_cast<K>(~src_k[i]);
+    const K k = sorted_key(i);
     double w = 0.0;
     if (k != 0) {
+      const Bits bits = static_cast<Bits>((k - 1) >> 1);
+      Real e;
+      std::memcpy(&e, &bits, sizeof(e));
       if ((k - 1) & 1) {
         ++tp;
         w = 1.0 / static_cast<double>(g + fp);
@@ -90,22 +88,62 @@ void RowWeights(const K* keys, F* out, int64_t n, std::vector<K>& ka,
                               (static_cast<double>(before) *
                                static_cast<double>(g + fp));
       }
+      loss += static_cast<double>(e) * w;
     }
-    out[src_i[i]] = static_cast<F>(w);
+    out[pixel(i)] = static_cast<F>(w);
   }
+  return loss;
 }
 
-template <typename K, typename F>
-void AllRows(const K* keys, F* out, int64_t rows, int64_t n) {
-  if (rows == 0 || n == 0) return;
+struct Scratch {
+  std::vector<uint64_t> a, b;
+};
+
+// u32 keys: sort descending by packing (~key << 32 | pixel) in one u64.
+double Row32(const uint32_t* keys, float* out, int64_t n, Scratch& s) {
+  s.a.resize(n);
+  s.b.resize(n);
+  int64_t g = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t k = keys[i];
+    g += (k != 0) & ((k - 1) & 1);
+    s.a[i] = (static_cast<uint64_t>(~k) << 32) | static_cast<uint64_t>(i);
+  }
+  const uint64_t* sorted = RadixSort<11>(s.a.data(), s.b.data(), n, 32, 32,
+                                         [](uint64_t x) { return x; });
+  return Walk<uint32_t, float>(
+      n, g, [&](int64_t i) { return static_cast<uint32_t>(~(sorted[i] >> 32)); },
+      [&](int64_t i) { return sorted[i] & 0xffffffffu; }, out);
+}
+
+// u64 keys (float64 errors): sort pixel indices by ~key, 8-bit digits.
+double Row64(const uint64_t* keys, double* out, int64_t n, Scratch& s) {
+  s.a.resize(n);
+  s.b.resize(n);
+  int64_t g = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t k = keys[i];
+    g += (k != 0) & ((k - 1) & 1);
+    s.a[i] = static_cast<uint64_t>(i);
+  }
+  const uint64_t* sorted = RadixSort<8>(s.a.data(), s.b.data(), n, 0, 64,
+                                        [&](uint64_t i) { return ~keys[i]; });
+  return Walk<uint64_t, double>(
+      n, g, [&](int64_t i) { return keys[sorted[i]]; },
+      [&](int64_t i) { return sorted[i]; }, out);
+}
+
+template <typename K, typename F, typename RowFn>
+void AllRows(const K* keys, F* out, F* losses, int64_t rows, int64_t n,
+             RowFn row) {
+  if (rows == 0) return;
+  auto work = [&](int64_t first, int64_t last) {
+    Scratch s;
+    for (int64_t r = first; r < last; ++r)
+      losses[r] = static_cast<F>(n == 0 ? 0.0 : row(keys + r * n, out + r * n, n, s));
+  };
   const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t workers = std::min<int64_t>(rows, hw);
-  auto work = [&](int64_t first, int64_t last) {
-    std::vector<K> ka, kb;
-    std::vector<uint32_t> ia, ib;
-    for (int64_t r = first; r < last; ++r)
-      RowWeights<K, F>(keys + r * n, out + r * n, n, ka, kb, ia, ib);
-  };
   if (workers <= 1 || rows * n < (1 << 16)) {
     work(0, rows);
     return;
@@ -120,20 +158,22 @@ void AllRows(const K* keys, F* out, int64_t rows, int64_t n) {
   for (auto& th : threads) th.join();
 }
 
-ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
+                       ffi::Result<ffi::AnyBuffer> losses) {
   const auto dims = keys.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("keys must have rank >= 1");
   const int64_t n = dims.back();
-  const int64_t total = static_cast<int64_t>(keys.element_count());
   if (n > static_cast<int64_t>(UINT32_MAX))
     return ffi::Error::InvalidArgument("rows longer than 2^32 pixels are not supported");
-  const int64_t rows = n == 0 ? 0 : total / n;
+  const int64_t rows = static_cast<int64_t>(losses->element_count());
   if (keys.element_type() == ffi::DataType::U32 &&
-      out->element_type() == ffi::DataType::F32) {
-    AllRows<uint32_t, float>(keys.typed_data<uint32_t>(), out->typed_data<float>(), rows, n);
+      weights->element_type() == ffi::DataType::F32) {
+    AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
+            losses->typed_data<float>(), rows, n, Row32);
   } else if (keys.element_type() == ffi::DataType::U64 &&
-             out->element_type() == ffi::DataType::F64) {
-    AllRows<uint64_t, double>(keys.typed_data<uint64_t>(), out->typed_data<double>(), rows, n);
+             weights->element_type() == ffi::DataType::F64) {
+    AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
+            losses->typed_data<double>(), rows, n, Row64);
   } else {
     return ffi::Error::InvalidArgument("expected u32 keys -> f32 or u64 keys -> f64");
   }
@@ -145,4 +185,5 @@ ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> out) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxWeights, WeightsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());

@@ -18,8 +18,8 @@ computed in closed form from integer counts ``tp_i`` and ``fp_i`` instead::
 
 The loss of a row is the dot product of its errors with those weights. The
 extension is piecewise linear, so its gradient with respect to the errors is
-the weight vector itself: the weights are computed outside of autodiff
-(never differentiating through a sort) and the row loss is ``sum(errors * w)``.
+the weight vector itself: ``row_losses`` has a custom JVP that reuses the
+forward pass's weights, and nothing is ever differentiated through a sort.
 At tied errors any order of the tied pixels gives a valid subgradient; ties
 are broken by putting foreground pixels first, then by the sort's order.
 """
@@ -87,7 +87,14 @@ def closed_form_weights(fg_sorted: jax.Array, valid_sorted: jax.Array,
   return jnp.where(valid_sorted, jnp.where(fg, w_fg, w_bg), 0).astype(dtype)
 
 
-def _weights_xla(keys: jax.Array) -> jax.Array:
+def decode_errors(keys: jax.Array) -> jax.Array:
+  """The errors that ``encode_keys`` packed (0 for void pixels)."""
+  float_dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
+  bits = jnp.where(keys == 0, 0, (keys - 1) >> 1).astype(keys.dtype)
+  return lax.bitcast_convert_type(bits, float_dtype)
+
+
+def _weights_and_losses_xla(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Portable path: one XLA sort with the pixel index as payload."""
   axis = keys.ndim - 1
   index = lax.broadcasted_iota(jnp.int32, keys.shape, axis)
@@ -97,32 +104,44 @@ def _weights_xla(keys: jax.Array) -> jax.Array:
   keys_sorted = ~neg_sorted
   valid = keys_sorted != 0
   fg = ((keys_sorted - 1) & 1) == 1
-  dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
-  w_sorted = closed_form_weights(fg, valid, dtype)
+  errors = decode_errors(keys_sorted)
+  w_sorted = closed_form_weights(fg, valid, errors.dtype)
+  losses = jnp.sum(errors * w_sorted, axis=-1)
   # Scatter the weights back to pixel order along the last axis.
   lead = [lax.broadcasted_iota(jnp.int32, keys.shape, d) for d in range(axis)]
-  return jnp.zeros(keys.shape, dtype).at[(*lead, perm)].set(
+  w = jnp.zeros(keys.shape, errors.dtype).at[(*lead, perm)].set(
       w_sorted, unique_indices=True)
+  return w, losses
 
 
-def pixel_weights(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
-  """The Lovász weight of every pixel of every row, in pixel order."""
-  keys = encode_keys(errors, fg, valid)
+def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each pixel's Lovász weight (pixel order) and each row's loss."""
   if keys.shape[-1] == 0:
-    return jnp.zeros(keys.shape, errors.dtype)
+    dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
+    return jnp.zeros(keys.shape, dtype), jnp.zeros(keys.shape[:-1], dtype)
   if not _cpu.available():
-    return _weights_xla(keys)
-  return lax.platform_dependent(keys, cpu=_cpu.weights, default=_weights_xla)
+    return _weights_and_losses_xla(keys)
+  return lax.platform_dependent(
+      keys, cpu=_cpu.weights_and_losses, default=_weights_and_losses_xla)
 
 
+@jax.custom_jvp
 def row_losses(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
   """Lovász extension of the Jaccard loss for each row ``[..., P] -> [...]``.
 
-  Differentiable in ``errors``; its gradient is the Alg. 1 weight of each
-  pixel (0 at void pixels).
+  The value comes from the ordering kernel (accumulated in double precision
+  on CPU). The derivative with respect to ``errors`` is the Alg. 1 weight of
+  each pixel (0 at void pixels): the extension is linear once the order is
+  fixed, so nothing is differentiated through the sort.
   """
-  w = pixel_weights(errors, fg, valid)
-  return jnp.sum(errors * w, axis=-1)
+  return weights_and_losses(encode_keys(errors, fg, valid))[1]
+
+
+@row_losses.defjvp
+def _row_losses_jvp(primals, tangents):
+  errors, fg, valid = primals
+  w, losses = weights_and_losses(encode_keys(errors, fg, valid))
+  return losses, jnp.sum(tangents[0] * w, axis=-1)
 
 
 def lovasz_grad(fg_sorted: jax.typing.ArrayLike) -> jax.Array:

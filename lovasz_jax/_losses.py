@@ -182,7 +182,9 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   valid = _inputs.valid_mask(labels, ignore_index, where)
   # Void pixels take part in nothing, even when their logits are not finite.
   x = jnp.where(valid[..., None], x, 0)
-  probs = jax.nn.softmax(x, axis=-1) if from_logits else x
+  # Recomputed in the backward pass rather than stored: saves memory.
+  softmax = jax.checkpoint(functools.partial(jax.nn.softmax, axis=-1))
+  probs = softmax(x) if from_logits else x
   ids = np.arange(num_classes) if isinstance(classes, str) else np.asarray(classes)
   if not isinstance(classes, str):
     probs = probs[..., ids]

@@ -76,17 +76,22 @@ def test_native_and_portable_kernels_agree(dtype):
     fg = jnp.asarray(rng.random(shape) < 0.2)
     valid = jnp.asarray(rng.random(shape) < 0.9).at[0, 0].set(False)
     keys = _extension.encode_keys(errors, fg, valid)
-    native = np.asarray(jax.jit(_cpu.weights)(keys))
-    portable = np.asarray(jax.jit(_extension._weights_xla)(keys))
-    assert native.dtype == portable.dtype == dtype
-    np.testing.assert_allclose(native, portable, rtol=1e-6 if dtype == np.float32 else 1e-13)
+    native, native_loss = jax.jit(_cpu.weights_and_losses)(keys)
+    portable, portable_loss = jax.jit(_extension._weights_and_losses_xla)(keys)
+    native = np.asarray(native)
+    assert native.dtype == portable.dtype == native_loss.dtype == dtype
+    rtol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(native, portable, rtol=rtol)
+    np.testing.assert_allclose(native_loss, portable_loss, rtol=rtol)
+    assert native_loss.shape == (3, 5) and native_loss[0, 0] == 0
     assert not native[0, 0].any()
     # And both match Alg. 1 row by row.
     for i in np.ndindex(3, 5):
       v = np.asarray(valid[i])
       e, f = np.asarray(errors[i], np.float64)[v], np.asarray(fg[i])[v]
-      _, ref_grad = reference.extension(e, f)
+      ref_loss, ref_grad = reference.extension(e, f)
       np.testing.assert_allclose(native[i][v], ref_grad, rtol=1e-5, atol=1e-9)
+      np.testing.assert_allclose(native_loss[i], ref_loss, rtol=1e-6)
       assert not native[i][~v].any()
 
 

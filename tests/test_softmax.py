@@ -334,3 +334,21 @@ def test_portable_path_gives_the_same_loss(monkeypatch):
     jax.clear_caches()
   np.testing.assert_allclose(native[0], portable[0], rtol=1e-6)
   np.testing.assert_allclose(native[1], portable[1], atol=1e-7)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_all_equal_errors_give_a_finite_descent_direction(per_image):
+  # A zero-initialised last layer: every probability is 1/C, so every error
+  # of a class ties. The gradient is still finite, and a small step along it
+  # lowers the loss.
+  rng = np.random.default_rng(14)
+  logits = np.zeros((2, 8, 8, 4), np.float32)
+  labels = rng.integers(0, 4, (2, 8, 8))
+  f = jax.value_and_grad(functools.partial(lovasz_jax.lovasz_softmax, per_image=per_image))
+  v0, g = f(logits, labels)
+  assert np.all(np.isfinite(g)) and np.any(g)
+  v1, _ = f(logits - 1.0 * g / np.abs(g).max(), labels)
+  assert v1 < v0
+  # Every pixel's own class is pushed up: its logit's gradient is negative.
+  own = np.take_along_axis(np.asarray(g), labels[..., None], axis=-1)
+  assert np.all(own <= 0) and np.any(own < 0)
