@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
+# On a machine with an NVIDIA GPU, the bench installs JAX's CUDA build.
+JAX_PIP ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'jax[cuda12]' || echo jax)
 
 .PHONY: test demo bench clean
 
@@ -16,7 +18,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.bench: pyproject.toml | $(BIN)/python
-	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q -e '.[test,bench]' '$(JAX_PIP)'
 	touch $@
 
 test: $(VENV)/.test

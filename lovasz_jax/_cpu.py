@@ -26,7 +26,11 @@ import tempfile
 import warnings
 
 import jax
+import jax.custom_batching
 import jaxlib
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 _TARGET = "lovasz_jax_weights"
 _SOURCE = pathlib.Path(__file__).with_name("_cpu_kernel.cc")
@@ -86,10 +90,7 @@ def available() -> bool:
   return True
 
 
-def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Lovász weights in pixel order and row losses, from ``encode_keys`` keys."""
-  if not available():
-    raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
+def _call(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   out_dtype = "float32" if keys.dtype.itemsize == 4 else "float64"
   call = jax.ffi.ffi_call(
       _TARGET,
@@ -97,4 +98,53 @@ def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
        jax.ShapeDtypeStruct(keys.shape[:-1], out_dtype)),
       vmap_method="broadcast_all")
   return call(keys)
+
+
+# Rows are independent, so under a sharded jit each device runs the kernel on
+# its own rows: the leading axes keep their sharding, and only the pixel axis
+# of a row must be whole on one device. Without this rule the partitioner
+# would gather every row to every device.
+def _shardings(mesh, keys):
+  spec = tuple(getattr(keys.sharding, "spec", ()))
+  spec = (spec + (None,) * keys.ndim)[:keys.ndim - 1]
+  return (NamedSharding(mesh, PartitionSpec(*spec, None)),
+          NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def _infer(mesh, arg_shapes, result_shape):
+  del result_shape
+  return _shardings(mesh, arg_shapes[0])
+
+
+def _partition(mesh, arg_shapes, result_shape):
+  del result_shape
+  rows, losses = _shardings(mesh, arg_shapes[0])
+  return mesh, _call, (rows, losses), (rows,)
+
+
+_sharded_call = custom_partitioning(_call)
+_sharded_call.def_partition(
+    infer_sharding_from_operands=_infer, partition=_partition,
+    sharding_rule="... p -> ... p, ...", need_replication_factors=("p",))
+
+
+# custom_partitioning has no batching rule; under vmap the mapped axis is just
+# one more leading axis of rows.
+@jax.custom_batching.custom_vmap
+def _batchable_call(keys):
+  return _sharded_call(keys)
+
+
+@_batchable_call.def_vmap
+def _batchable_call_vmap(axis_size, in_batched, keys):
+  del axis_size
+  batched = bool(in_batched[0])
+  return _batchable_call(keys), (batched, batched)
+
+
+def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Lovász weights in pixel order and row losses, from ``encode_keys`` keys."""
+  if not available():
+    raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
+  return _batchable_call(keys)
 

@@ -352,3 +352,15 @@ def test_all_equal_errors_give_a_finite_descent_direction(per_image):
   # Every pixel's own class is pushed up: its logit's gradient is negative.
   own = np.take_along_axis(np.asarray(g), labels[..., None], axis=-1)
   assert np.all(own <= 0) and np.any(own < 0)
+
+
+def test_vmap_matches_a_loop():
+  rng = np.random.default_rng(15)
+  logits = rng.normal(size=(3, 2, 6, 6, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, (3, 2, 6, 6))
+  f = jax.value_and_grad(functools.partial(lovasz_jax.lovasz_softmax, per_image=True))
+  values, grads = jax.jit(jax.vmap(f))(logits, labels)
+  for i in range(3):
+    v, g = f(logits[i], labels[i])
+    np.testing.assert_allclose(values[i], v, rtol=1e-6)
+    np.testing.assert_allclose(grads[i], g, atol=1e-7)

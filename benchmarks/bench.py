@@ -1,0 +1,201 @@
+"""lovasz_jax benchmark: loss+grad time and compiled memory beside the peers.
+
+Run with ``make bench`` (``make bench ARGS="--help"`` for options). Every row
+is measured in this one run, on this machine: median wall time of a
+loss+grad call over ``--repeats`` calls, after a warm-up call (which
+compiles). JAX rows run on JAX's default backend (GPU/TPU if present); the
+PyTorch rows run on the CPU.
+
+Rows:
+  lovasz_jax            jit(value_and_grad(lovasz_softmax))
+  lovasz_jax portable   the same with the native CPU kernel off (XLA's sort)
+  naive JAX port        argsort + gather + cumsum + dot for each class, jitted
+  PyTorch loop          the reference's structure: a loop over classes with
+                        sort, gather, cumsum and dot (written here), CPU
+  kornia                kornia.losses.lovasz_softmax_loss, CPU
+  optax cross-entropy   softmax_cross_entropy_with_integer_labels (the cost
+                        users compare against)
+  jnp.sort of keys      one jnp.sort of the C x P uint32 keys (the GPU floor)
+  np.sort of keys       numpy's sort of the same keys (the CPU floor)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lovasz_jax
+from lovasz_jax import _cpu, _extension
+
+SHAPES = {
+    "2x256x256x21": (2, 256, 256, 21),
+    "1x512x512x19": (1, 512, 512, 19),
+    "1x64x64x64x8 (3-D)": (1, 64, 64, 64, 8),
+}
+
+
+def _median_ms(fn, repeats):
+  fn()  # warm-up (compiles)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def _temp_ratio(jitted, *args):
+  try:
+    mem = jitted.lower(*args).compile().memory_analysis()
+    return mem.temp_size_in_bytes / args[0].nbytes
+  except Exception:  # pylint: disable=broad-except
+    return float("nan")
+
+
+def naive_jax_loss(logits, labels):
+  """A direct port: argsort and gather for each class (loop unrolled by jit)."""
+  num_classes = logits.shape[-1]
+  probs = jax.nn.softmax(logits, axis=-1).reshape(-1, num_classes)
+  labels = labels.reshape(-1)
+  losses, counted = [], []
+  for c in range(num_classes):
+    fg = (labels == c).astype(probs.dtype)
+    errors = jnp.abs(fg - probs[:, c])
+    perm = jnp.argsort(-errors)
+    errors_sorted, fg_sorted = errors[perm], fg[perm]
+    gts = fg_sorted.sum()
+    intersection = gts - jnp.cumsum(fg_sorted)
+    union = gts + jnp.cumsum(1 - fg_sorted)
+    jaccard = 1 - intersection / union
+    grad = jnp.concatenate([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    losses.append(errors_sorted @ grad)
+    counted.append(gts > 0)
+  losses, counted = jnp.stack(losses), jnp.stack(counted)
+  return jnp.sum(jnp.where(counted, losses, 0)) / jnp.maximum(counted.sum(), 1)
+
+
+def torch_rows(shape, logits_np, labels_np, repeats):
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {}
+  x = torch.tensor(np.moveaxis(logits_np, -1, 1).copy(), requires_grad=True)
+  y = torch.tensor(labels_np, dtype=torch.long)
+
+  def reference_loop(logits, labels):
+    probs = logits.softmax(1)
+    num_classes = probs.shape[1]
+    probs = probs.movedim(1, -1).reshape(-1, num_classes)
+    labels = labels.reshape(-1)
+    losses = []
+    for c in range(num_classes):
+      fg = (labels == c).float()
+      if fg.sum() == 0:
+        continue
+      errors = (fg - probs[:, c]).abs()
+      errors_sorted, perm = torch.sort(errors, 0, descending=True)
+      fg_sorted = fg[perm]
+      gts = fg_sorted.sum()
+      intersection = gts - fg_sorted.cumsum(0)
+      union = gts + (1 - fg_sorted).cumsum(0)
+      jaccard = 1.0 - intersection / union
+      jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+      losses.append(torch.dot(errors_sorted, jaccard))
+    return torch.stack(losses).mean()
+
+  def run(loss_fn):
+    x.grad = None
+    loss_fn(x, y).backward()
+
+  rows = {"PyTorch loop (CPU)": _median_ms(lambda: run(reference_loop), repeats)}
+  try:
+    import kornia  # pylint: disable=import-outside-toplevel
+    rows["kornia (CPU)"] = _median_ms(
+        lambda: run(kornia.losses.lovasz_softmax_loss), repeats)
+  except Exception as e:  # pylint: disable=broad-except
+    rows["kornia (CPU)"] = f"n/a ({type(e).__name__})"
+  return rows
+
+
+def bench_shape(name, shape, repeats, with_torch):
+  key_x, key_y = jax.random.split(jax.random.key(0))
+  logits = jax.random.normal(key_x, shape, jnp.float32)
+  labels = jax.random.randint(key_y, shape[:-1], 0, shape[-1])
+  rows = {}
+
+  def time_jax(label, loss_fn, memory=True):
+    fn = jax.jit(jax.value_and_grad(loss_fn))
+    rows[label] = (_median_ms(lambda: jax.block_until_ready(fn(logits, labels)), repeats),
+                   _temp_ratio(fn, logits, labels) if memory else None)
+
+  time_jax("lovasz_jax", lovasz_jax.lovasz_softmax)
+  if jax.default_backend() == "cpu" and _cpu.available():
+    _cpu.available.cache_clear()
+    os.environ["LOVASZ_JAX_CPU_KERNEL"] = "0"
+    jax.clear_caches()
+    time_jax("lovasz_jax portable (XLA sort)", lovasz_jax.lovasz_softmax)
+    del os.environ["LOVASZ_JAX_CPU_KERNEL"]
+    _cpu.available.cache_clear()
+    jax.clear_caches()
+  time_jax("naive JAX port", naive_jax_loss)
+  try:
+    import optax  # pylint: disable=import-outside-toplevel
+    time_jax("optax cross-entropy", lambda x, y: jnp.mean(
+        optax.losses.softmax_cross_entropy_with_integer_labels(x, y)))
+  except ImportError:
+    pass
+  if with_torch:
+    rows.update({k: (v, None) for k, v in torch_rows(
+        shape, np.asarray(logits), np.asarray(labels), repeats).items()})
+  # Floors: one sort of the C x P keys.
+  errors = jnp.abs(jax.nn.softmax(logits, -1) - jax.nn.one_hot(labels, shape[-1]))
+  keys = _extension.encode_keys(
+      jnp.moveaxis(errors, -1, 0).reshape(shape[-1], -1),
+      jnp.moveaxis(jax.nn.one_hot(labels, shape[-1], dtype=bool), -1, 0).reshape(shape[-1], -1),
+      jnp.ones((shape[-1], errors[..., 0].size), bool))
+  sort = jax.jit(lambda k: jnp.sort(k, axis=-1))
+  rows["floor: jnp.sort of C x P keys"] = (
+      _median_ms(lambda: jax.block_until_ready(sort(keys)), repeats), None)
+  keys_np = np.asarray(keys)
+  rows["floor: np.sort of C x P keys (CPU)"] = (
+      _median_ms(lambda: np.sort(keys_np, axis=-1), repeats), None)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--repeats", type=int, default=7, help="timed calls per row (median)")
+  parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES),
+                      help="which shapes to run")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+  args = parser.parse_args(argv)
+  print(f"lovasz_jax {lovasz_jax.__version__}, jax {jax.__version__}, backend "
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"{os.cpu_count()} CPU cores, {platform.machine()}; medians of "
+        f"{args.repeats} loss+grad calls")
+  for name in args.shapes:
+    shape = SHAPES[name]
+    rows = bench_shape(name, shape, args.repeats, not args.no_torch)
+    ours = rows["lovasz_jax"][0]
+    print(f"\n### {name} (logits {np.prod(shape) * 4 / 2**20:.1f} MiB)\n")
+    print("| row | median ms | time / lovasz_jax | compiled temp / logits bytes |")
+    print("|---|---:|---:|---:|")
+    for label, (ms, ratio) in rows.items():
+      if isinstance(ms, str):
+        print(f"| {label} | {ms} | | |")
+        continue
+      ratio_s = "" if ratio is None else f"{ratio:.2f}x"
+      print(f"| {label} | {ms:.1f} | {ms / ours:.2f}x | {ratio_s} |")
+
+
+if __name__ == "__main__":
+  main()
