@@ -55,6 +55,16 @@ def check_static_bool(value: Any, name: str) -> bool:
   return bool(value)
 
 
+def check_positive_int(value: Any, name: str) -> int:
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise TypeError(f"{name} must be a positive int, got {value!r}.") from None
+  if value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value}.")
+  return value
+
+
 def check_ignore_index(ignore_index: Any) -> int | None:
   if ignore_index is None:
     return None

@@ -13,6 +13,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from lovasz_jax import _extension
@@ -21,7 +22,8 @@ from lovasz_jax import _inputs
 ClassesLike = Literal["present", "all"] | tuple[int, ...] | list[int]
 
 SOFTMAX_STATIC_ARGNAMES = (
-    "axis", "classes", "per_image", "ignore_index", "from_logits")
+    "axis", "classes", "per_image", "ignore_index", "from_logits",
+    "class_chunk_size")
 HINGE_STATIC_ARGNAMES = ("per_image", "ignore_index")
 
 
@@ -72,6 +74,7 @@ def lovasz_softmax(
     where: jax.typing.ArrayLike | None = None,
     class_weights: jax.typing.ArrayLike | None = None,
     from_logits: bool = True,
+    class_chunk_size: int | None = None,
 ) -> jax.Array:
   r"""The Lovász-Softmax loss: a convex surrogate of the mean of 1 - IoU.
 
@@ -92,8 +95,8 @@ def lovasz_softmax(
   ``per_image``) with no valid pixel counts no class; when nothing is counted
   anywhere the loss is 0 with a zero gradient, never NaN.
 
-  The options ``axis``, ``classes``, ``per_image``, ``ignore_index`` and
-  ``from_logits`` are Python values; to wrap the loss in ``jax.jit`` yourself
+  The options ``axis``, ``classes``, ``per_image``, ``ignore_index``,
+  ``from_logits`` and ``class_chunk_size`` are Python values; to wrap the loss in ``jax.jit`` yourself
   with any of them as arguments, use
   ``jax.jit(lovasz_softmax, static_argnames=lovasz_jax.SOFTMAX_STATIC_ARGNAMES)``
   (or bind them with ``functools.partial``).
@@ -117,6 +120,11 @@ def lovasz_softmax(
     class_weights: float ``[C]``; the loss of a group is the weighted mean over
       its counted classes (0 if their weights sum to 0).
     from_logits: if False, ``logits`` are already probabilities.
+    class_chunk_size: memory-lean mode. Process this many classes at a time
+      (``lax.map`` over chunks of classes) instead of all at once: the
+      compiled loss+grad then holds the sort keys of one chunk rather than of
+      every class, at some speed cost (see the README's performance section).
+      ``None`` (the default) processes all classes together.
 
   Returns:
     A scalar loss, in float32 (float64 for float64 logits).
@@ -165,16 +173,20 @@ def lovasz_softmax(
             or jnp.issubdtype(class_weights.dtype, jnp.integer)):
       raise TypeError(
           f"class_weights must be numeric, got dtype {class_weights.dtype}.")
+  if class_chunk_size is not None:
+    class_chunk_size = _inputs.check_positive_int(class_chunk_size,
+                                                  "class_chunk_size")
   _inputs.check_label_range(labels, 0, num_classes, ignore_index, where,
                             f"logits with {num_classes} classes")
   return _softmax_impl(
       logits, labels, where, class_weights, axis=axis, classes=classes,
-      per_image=per_image, ignore_index=ignore_index, from_logits=from_logits)
+      per_image=per_image, ignore_index=ignore_index, from_logits=from_logits,
+      class_chunk_size=class_chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=SOFTMAX_STATIC_ARGNAMES)
 def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
-                  per_image, ignore_index, from_logits):
+                  per_image, ignore_index, from_logits, class_chunk_size):
   dtype = _inputs.compute_dtype(logits.dtype)
   x = jnp.moveaxis(logits, axis, -1).astype(dtype)
   num_classes = x.shape[-1]
@@ -182,26 +194,96 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   valid = _inputs.valid_mask(labels, ignore_index, where)
   # Void pixels take part in nothing, even when their logits are not finite.
   x = jnp.where(valid[..., None], x, 0)
-  # Recomputed in the backward pass rather than stored: saves memory.
-  softmax = jax.checkpoint(functools.partial(jax.nn.softmax, axis=-1))
-  probs = softmax(x) if from_logits else x
-  ids = np.arange(num_classes) if isinstance(classes, str) else np.asarray(classes)
-  if not isinstance(classes, str):
-    probs = probs[..., ids]
-  probs = _groups(probs, per_image, tail=1)          # [G, P, K]
+  if isinstance(classes, str):
+    selected = (True,) * num_classes
+  else:
+    selected = tuple(c in classes for c in range(num_classes))
+  x = _groups(x, per_image, tail=1)                  # [G, P, C]
   lab = _groups(labels, per_image)                   # [G, P]
   val = _groups(valid, per_image)                    # [G, P]
-  fg = lab[:, None, :] == ids[None, :, None]         # [G, K, P]
-  errors = jnp.abs(fg.astype(dtype) - jnp.swapaxes(probs, 1, 2))
-  losses = _extension.row_losses(errors, fg, val[:, None, :])  # [G, K]
+  losses = _softmax_row_losses(x, lab, val, selected, from_logits,
+                               class_chunk_size)     # [G, C]
   if classes == "present":
-    counted = jnp.any(fg & val[:, None, :], axis=-1)
+    fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
+    counted = jnp.any(fg & val[:, :, None], axis=1)
   else:
-    counted = jnp.broadcast_to(jnp.any(val, axis=-1, keepdims=True), losses.shape)
-  weights = None if class_weights is None else jnp.asarray(class_weights)[ids]
-  loss = reduce_rows(losses, counted, weights)
+    counted = jnp.any(val, axis=-1, keepdims=True) & np.asarray(selected)[None, :]
+  loss = reduce_rows(losses, counted, class_weights)
   bad = _inputs.has_bad_labels(labels, valid, 0, num_classes)
   return jnp.where(bad, jnp.nan, loss)
+
+
+# The softmax rows have a hand-written VJP so that the only large residual is
+# the weight array: the backward pass recomputes the probabilities from the
+# logits and forms d loss / d logits in one pass, never materialising the
+# probabilities' cotangent. With class_chunk_size, classes are processed a
+# chunk at a time (lax.map, then the remaining classes), so the forward pass
+# holds the keys of one chunk.
+# Unselected classes are rows with no valid pixel: their sort is skipped.
+
+
+def _chunk_rows(x, lab, val, log_norm, cls, row_valid):
+  """Weights [G, k, P] and losses [G, k] of the classes ``cls`` ([k])."""
+  logits = jnp.take(x, cls, axis=-1)                       # [G, P, k]
+  probs = logits if log_norm is None else jnp.exp(logits - log_norm)
+  fg = lab[:, :, None] == cls[None, None, :]
+  errors = jnp.abs(fg.astype(probs.dtype) - probs)
+  valid = val[:, :, None] & row_valid[None, None, :]
+  rows = lambda a: jnp.swapaxes(a, 1, 2)                   # -> [G, k, P]
+  keys = _extension.encode_keys(rows(errors), rows(fg), rows(valid))
+  return _extension.weights_and_losses(keys)
+
+
+def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk):
+  num_classes = x.shape[-1]
+  log_norm = (jax.nn.logsumexp(x, axis=-1, keepdims=True) if from_logits
+              else None)
+  selected = np.asarray(selected)
+  chunk = num_classes if chunk is None else min(chunk, num_classes)
+  n, rest = divmod(num_classes, chunk)
+  rows = functools.partial(_chunk_rows, x, lab, val, log_norm)
+  if n == 1 and not rest:
+    w, losses = rows(np.arange(num_classes), selected)
+    return losses, (x, lab, log_norm, (w,))
+  # n chunks of `chunk` classes under lax.map, then the remaining classes.
+  cls = np.arange(n * chunk).reshape(n, chunk)
+  w_chunks, l_chunks = lax.map(lambda a: rows(*a), (cls, selected[cls]))
+  ws = (w_chunks,)                                         # [n, G, k, P]
+  losses = [jnp.moveaxis(l_chunks, 0, 1).reshape(x.shape[0], -1)]
+  if rest:
+    w_rest, l_rest = rows(np.arange(n * chunk, num_classes),
+                          selected[n * chunk:])
+    ws += (w_rest,)
+    losses.append(l_rest)
+  return jnp.concatenate(losses, axis=1), (x, lab, log_norm, ws)
+
+
+def _softmax_rows_bwd(selected, from_logits, chunk, residuals, ct):
+  del selected, from_logits, chunk
+  x, lab, log_norm, ws = residuals
+  num_classes = x.shape[-1]
+  parts = []
+  for w in ws:
+    if w.ndim == 4:  # [n, G, k, P] -> [G, n * k, P], read in place
+      w = jnp.moveaxis(w, 0, 1).reshape(x.shape[0], -1, x.shape[1])
+    parts.append(w)
+  w = jnp.swapaxes(jnp.concatenate(parts, axis=1), 1, 2)  # [G, P, C]
+  fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
+  d_probs = ct[:, None, :].astype(w.dtype) * jnp.where(fg, -w, w)
+  if log_norm is None:
+    return d_probs.astype(x.dtype), None, None
+  probs = jnp.exp(x - log_norm)
+  d_x = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  return d_x.astype(x.dtype), None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _softmax_row_losses(x, lab, val, selected, from_logits, chunk):
+  """Lovász extension of every (group, class) row: ``[G, P, C] -> [G, C]``."""
+  return _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk)[0]
+
+
+_softmax_row_losses.defvjp(_softmax_rows_fwd, _softmax_rows_bwd)
 
 
 def lovasz_hinge(

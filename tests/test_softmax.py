@@ -45,7 +45,8 @@ def problems(draw):
   kwargs = dict(axis=axis, classes=classes, per_image=per_image,
                 ignore_index=ignore_index, where=where,
                 class_weights=rng.random(num_classes) + 0.1 if use_weights else None,
-                from_logits=from_logits)
+                from_logits=from_logits,
+                class_chunk_size=draw(st.sampled_from([None, None, 1, 2, 3])))
   return logits, labels, kwargs
 
 
@@ -61,7 +62,10 @@ def _loss_and_grad(logits, labels, kwargs):
 def test_value_matches_reference_float32(problem):
   logits, labels, kwargs = problem
   value, grad = _loss_and_grad(jnp.asarray(logits, jnp.float32), labels, kwargs)
+  kwargs = dict(kwargs)
+  chunk = kwargs.pop("class_chunk_size")
   ref_value, _ = reference.lovasz_softmax(logits.astype(np.float32), labels, **kwargs)
+  kwargs["class_chunk_size"] = chunk
   assert value.dtype == jnp.float32 and grad.dtype == jnp.float32
   np.testing.assert_allclose(value, ref_value, atol=1e-5)
   assert np.all(np.isfinite(grad))
@@ -75,6 +79,7 @@ def test_value_and_grad_match_reference_float64(problem):
   with jax.enable_x64(True):
     value, grad = _loss_and_grad(jnp.asarray(logits), labels, kwargs)
     assert grad.dtype == jnp.float64
+  kwargs.pop("class_chunk_size")
   ref_value, ref_grad = reference.lovasz_softmax(logits, labels, **kwargs)
   np.testing.assert_allclose(value, ref_value, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-8, atol=1e-11)
@@ -364,3 +369,32 @@ def test_vmap_matches_a_loop():
     v, g = f(logits[i], labels[i])
     np.testing.assert_allclose(values[i], v, rtol=1e-6)
     np.testing.assert_allclose(grads[i], g, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 7, 100])
+def test_class_chunks_give_the_same_value_and_grad(chunk):
+  rng = np.random.default_rng(16)
+  logits = rng.normal(size=(2, 6, 5, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, (2, 6, 5))
+  for per_image in (False, True):
+    whole = _loss_and_grad(logits, labels, dict(per_image=per_image, classes=(0, 2, 3, 6)))
+    chunked = _loss_and_grad(logits, labels, dict(per_image=per_image, classes=(0, 2, 3, 6),
+                                                  class_chunk_size=chunk))
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+    np.testing.assert_allclose(chunked[1], whole[1], atol=1e-8)
+
+
+def _temp_ratio(shape, **kwargs):
+  logits = jax.ShapeDtypeStruct(shape, jnp.float32)
+  labels = jax.ShapeDtypeStruct(shape[:-1], jnp.int32)
+  fn = jax.jit(jax.value_and_grad(functools.partial(lovasz_jax.lovasz_softmax, **kwargs)))
+  mem = fn.lower(logits, labels).compile().memory_analysis()
+  return mem.temp_size_in_bytes / (np.prod(shape) * 4)
+
+
+@pytest.mark.parametrize("shape", [(2, 128, 128, 21), (1, 96, 96, 19)])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_compiled_temp_memory(shape, per_image):
+  # Default mode: at most 4x the logits' bytes; memory-lean mode: at most 1.5x.
+  assert _temp_ratio(shape, per_image=per_image) <= 4.0
+  assert _temp_ratio(shape, per_image=per_image, class_chunk_size=4) <= 1.5
