@@ -32,6 +32,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from lovasz_jax import _sharding
+
 _TARGET = "lovasz_jax_weights"
 _SOURCE = pathlib.Path(__file__).with_name("_cpu_kernel.cc")
 
@@ -146,5 +148,11 @@ def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Lovász weights in pixel order and row losses, from ``encode_keys`` keys."""
   if not available():
     raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
-  return _batchable_call(keys)
+  w, losses = _batchable_call(keys)
+  # Inside shard_map the custom call's results vary over the same mesh axes
+  # as its operand.
+  vma = _sharding.varying_axes(keys)
+  if vma:
+    w, losses = (jax.lax.pcast(a, vma, to="varying") for a in (w, losses))
+  return w, losses
 

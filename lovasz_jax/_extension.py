@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lovasz_jax import _cpu
+from lovasz_jax import _sharding
 
 _KEY_DTYPES = {4: jnp.uint32, 8: jnp.uint64}
 
@@ -109,8 +110,10 @@ def _weights_and_losses_xla(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   losses = jnp.sum(errors * w_sorted, axis=-1)
   # Scatter the weights back to pixel order along the last axis.
   lead = [lax.broadcasted_iota(jnp.int32, keys.shape, d) for d in range(axis)]
+  spec = _sharding.spec_of(keys)
   w = jnp.zeros(keys.shape, errors.dtype).at[(*lead, perm)].set(
-      w_sorted, unique_indices=True)
+      w_sorted, unique_indices=True,
+      out_sharding=jax.typeof(keys).sharding if any(spec) else None)
   return w, losses
 
 
@@ -119,10 +122,21 @@ def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   if keys.shape[-1] == 0:
     dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
     return jnp.zeros(keys.shape, dtype), jnp.zeros(keys.shape[:-1], dtype)
+  # A row is ordered as a whole: under explicit sharding, a row split over
+  # devices (batch mode) is gathered for the sort, and the weights are
+  # handed back with the keys' sharding.
+  spec, original = _sharding.spec_of(keys), keys
+  split = spec[-1] is not None
+  if split:
+    keys = _sharding.reshard(keys, spec[:-1] + (None,))
   if not _cpu.available():
-    return _weights_and_losses_xla(keys)
-  return lax.platform_dependent(
-      keys, cpu=_cpu.weights_and_losses, default=_weights_and_losses_xla)
+    w, losses = _weights_and_losses_xla(keys)
+  else:
+    w, losses = lax.platform_dependent(
+        keys, cpu=_cpu.weights_and_losses, default=_weights_and_losses_xla)
+  if split:
+    w = _sharding.reshard(w, spec, like=original)
+  return w, losses
 
 
 @jax.custom_jvp

@@ -18,6 +18,7 @@ import numpy as np
 
 from lovasz_jax import _extension
 from lovasz_jax import _inputs
+from lovasz_jax import _sharding
 
 ClassesLike = Literal["present", "all"] | tuple[int, ...] | list[int]
 
@@ -57,10 +58,27 @@ def reduce_rows(losses: jax.Array, counted: jax.Array,
 
 
 def _groups(x: jax.Array, per_image: bool, tail: int = 0) -> jax.Array:
-  """Reshape ``[B, ..., *tail]`` to ``[G, P, *tail]`` (G = B or 1)."""
+  """Reshape ``[B, ..., *tail]`` to ``[G, P, *tail]`` (G = B or 1).
+
+  Under explicit sharding (``jax.make_mesh``'s default axis types), the
+  merged pixel axis keeps the sharding of its leading input axis, so a batch
+  sharded over devices stays sharded.
+  """
   keep = x.shape[x.ndim - tail:] if tail else ()
   g = x.shape[0] if per_image else 1
-  return x.reshape((g, -1) + keep)
+  shape = (g, -1) + keep
+  spec = _sharding.spec_of(x)
+  if not any(spec):  # unsharded, or sharding left to the compiler
+    return x.reshape(shape)
+  first = 1 if per_image else 0
+  merged = spec[first:x.ndim - tail]
+  if any(merged[1:]):  # only the leading axis of a merged run may stay sharded
+    spec = spec[:first + 1] + (None,) * (len(merged) - 1) + spec[x.ndim - tail:]
+    x = _sharding.reshard(x, spec)
+  out = ((spec[0],) if per_image else (None,)) + (merged[0] if merged else None,)
+  out += spec[x.ndim - tail:]
+  return _sharding.reshape(
+      x, (g, int(np.prod(x.shape[first:x.ndim - tail]))) + keep, out)
 
 
 def lovasz_softmax(

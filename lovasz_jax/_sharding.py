@@ -1,0 +1,39 @@
+"""Explicit-sharding helpers (``jax.make_mesh``'s default axis types).
+
+Under explicit sharding, shardings are part of array types, so reshapes that
+merge a sharded axis and sorts along a sharded axis must say what they want.
+Under automatic sharding (or none) specs are empty and these are no-ops.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+
+def spec_of(x: jax.Array) -> tuple:
+  """The explicit partition spec of ``x``, one entry per axis."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _named(x: jax.Array, spec) -> NamedSharding:
+  return NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec(*spec))
+
+
+def reshard(x: jax.Array, spec, like: jax.Array | None = None) -> jax.Array:
+  """``x`` with partition ``spec`` on the mesh of ``like`` (default ``x``)."""
+  return jax.sharding.reshard(x, _named(x if like is None else like, spec))
+
+
+def reshape(x: jax.Array, shape: tuple[int, ...], spec) -> jax.Array:
+  return jax.lax.reshape(x, shape, out_sharding=_named(x, spec))
+
+
+def varying_axes(x: jax.Array) -> tuple[str, ...]:
+  """The manual mesh axes (inside ``shard_map``) along which ``x`` varies."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  axes = mat.varying if mat is not None else getattr(aval, "vma", ())
+  return tuple(sorted(axes))
