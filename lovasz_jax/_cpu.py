@@ -28,6 +28,7 @@ import warnings
 import jax
 import jax.custom_batching
 import jaxlib
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -92,14 +93,14 @@ def available() -> bool:
   return True
 
 
-def _call(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _call(num_bins: int, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   out_dtype = "float32" if keys.dtype.itemsize == 4 else "float64"
   call = jax.ffi.ffi_call(
       _TARGET,
       (jax.ShapeDtypeStruct(keys.shape, out_dtype),
        jax.ShapeDtypeStruct(keys.shape[:-1], out_dtype)),
       vmap_method="broadcast_all")
-  return call(keys)
+  return call(keys, num_bins=np.int64(num_bins))
 
 
 # Rows are independent, so under a sharded jit each device runs the kernel on
@@ -113,46 +114,55 @@ def _shardings(mesh, keys):
           NamedSharding(mesh, PartitionSpec(*spec)))
 
 
-def _infer(mesh, arg_shapes, result_shape):
-  del result_shape
-  return _shardings(mesh, arg_shapes[0])
+@functools.cache
+def _wrapped_call(num_bins: int):
+  """The kernel call with a partitioning rule and a batching rule."""
+  call = functools.partial(_call, num_bins)
+
+  def infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    return _shardings(mesh, arg_shapes[0])
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    rows, losses = _shardings(mesh, arg_shapes[0])
+    return mesh, call, (rows, losses), (rows,)
+
+  sharded = custom_partitioning(call)
+  sharded.def_partition(
+      infer_sharding_from_operands=infer, partition=partition,
+      sharding_rule="... p -> ... p, ...", need_replication_factors=("p",))
+
+  # custom_partitioning has no batching rule; under vmap the mapped axis is
+  # just one more leading axis of rows.
+  @jax.custom_batching.custom_vmap
+  def batchable(keys):
+    return sharded(keys)
+
+  @batchable.def_vmap
+  def _(axis_size, in_batched, keys):
+    del axis_size
+    batched = bool(in_batched[0])
+    return batchable(keys), (batched, batched)
+
+  return batchable
 
 
-def _partition(mesh, arg_shapes, result_shape):
-  del result_shape
-  rows, losses = _shardings(mesh, arg_shapes[0])
-  return mesh, _call, (rows, losses), (rows,)
+def weights_and_losses(keys: jax.Array,
+                       num_bins: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Lovász weights in pixel order and row losses, on CPU.
 
-
-_sharded_call = custom_partitioning(_call)
-_sharded_call.def_partition(
-    infer_sharding_from_operands=_infer, partition=_partition,
-    sharding_rule="... p -> ... p, ...", need_replication_factors=("p",))
-
-
-# custom_partitioning has no batching rule; under vmap the mapped axis is just
-# one more leading axis of rows.
-@jax.custom_batching.custom_vmap
-def _batchable_call(keys):
-  return _sharded_call(keys)
-
-
-@_batchable_call.def_vmap
-def _batchable_call_vmap(axis_size, in_batched, keys):
-  del axis_size
-  batched = bool(in_batched[0])
-  return _batchable_call(keys), (batched, batched)
-
-
-def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Lovász weights in pixel order and row losses, from ``encode_keys`` keys."""
+  Args:
+    keys: ``encode_keys`` keys (``num_bins == 0``: exact, sorted) or
+      ``encode_bins`` keys (``num_bins > 0``: histogram mode, no sort).
+    num_bins: 0, or the number of bins the keys were quantised to.
+  """
   if not available():
     raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
-  w, losses = _batchable_call(keys)
+  w, losses = _wrapped_call(num_bins)(keys)
   # Inside shard_map the custom call's results vary over the same mesh axes
   # as its operand.
   vma = _sharding.varying_axes(keys)
   if vma:
     w, losses = (jax.lax.pcast(a, vma, to="varying") for a in (w, losses))
   return w, losses
-

@@ -17,6 +17,19 @@
 //   foreground step: 1 / (g + fp)
 //   background step: (g - tp) / ((g + fp - 1) (g + fp))   (1 when g + fp == 1)
 // in double precision, so nothing cancels at any pixel count.
+//
+// Histogram mode (attribute num_bins = K > 0): the keys hold an error's bin
+// ((bin << 1) | fg) + 1 instead of its bits, with bin = floor(error * K). No
+// sort: one counting pass gives each (bin, fg) slot's count, one pass over
+// the 2K slots in descending order gives each slot a weight, and one pass
+// writes every pixel its slot's weight. All pixels of a slot have the same
+// quantised error (the bin's centre, (bin + 1/2) / K); foreground slots come
+// first in a bin, and the pixels of a slot share their average weight:
+//   foreground slot: 1 / (g + fp)
+//   background slot of n pixels: (g - tp) / ((g + fp) (g + fp + n))
+//                                (1 / n when g + fp == 0)
+// with tp, fp the counts before the slot. Both are weights of an order
+// consistent with the quantised errors, so they are a valid subgradient.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -133,6 +146,42 @@ double Row64(const uint64_t* keys, double* out, int64_t n, Scratch& s) {
       [&](int64_t i) { return sorted[i]; }, out);
 }
 
+// Histogram mode, one row: see the header. Returns the row's loss.
+template <typename K, typename F>
+double HistRow(const K* keys, F* out, int64_t n, int64_t num_bins, Scratch& s) {
+  const int64_t slots = 2 * num_bins + 1;
+  std::vector<int64_t> count(slots, 0);
+  std::vector<double> omega(slots, 0.0);
+  for (int64_t i = 0; i < n; ++i) ++count[std::min<int64_t>(keys[i], slots - 1)];
+  int64_t g = 0;
+  for (int64_t k = 2; k < slots; k += 2) g += count[k];
+  int64_t tp = 0, fp = 0;
+  double loss = 0.0;
+  for (int64_t k = slots - 1; k >= 1; --k) {
+    const int64_t c = count[k];
+    if (c == 0) continue;
+    double w;
+    if ((k - 1) & 1) {
+      w = 1.0 / static_cast<double>(g + fp);
+      tp += c;
+    } else {
+      const int64_t u = g + fp;
+      w = u == 0 ? 1.0 / static_cast<double>(c)
+                 : static_cast<double>(g - tp) /
+                       (static_cast<double>(u) * static_cast<double>(u + c));
+      fp += c;
+    }
+    omega[k] = w;
+    const double centre = (static_cast<double>((k - 1) >> 1) + 0.5) /
+                          static_cast<double>(num_bins);
+    loss += static_cast<double>(c) * w * centre;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<F>(omega[std::min<int64_t>(keys[i], slots - 1)]);
+  (void)s;
+  return loss;
+}
+
 template <typename K, typename F, typename RowFn>
 void AllRows(const K* keys, F* out, F* losses, int64_t rows, int64_t n,
              RowFn row) {
@@ -159,21 +208,37 @@ void AllRows(const K* keys, F* out, F* losses, int64_t rows, int64_t n,
 }
 
 ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
-                       ffi::Result<ffi::AnyBuffer> losses) {
+                       ffi::Result<ffi::AnyBuffer> losses, int64_t num_bins) {
   const auto dims = keys.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("keys must have rank >= 1");
   const int64_t n = dims.back();
   if (n > static_cast<int64_t>(UINT32_MAX))
     return ffi::Error::InvalidArgument("rows longer than 2^32 pixels are not supported");
   const int64_t rows = static_cast<int64_t>(losses->element_count());
+  if (num_bins < 0 || num_bins > (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("num_bins must be in [0, 2^30]");
+  auto hist32 = [num_bins](const uint32_t* k, float* o, int64_t m, Scratch& s) {
+    return HistRow<uint32_t, float>(k, o, m, num_bins, s);
+  };
+  auto hist64 = [num_bins](const uint64_t* k, double* o, int64_t m, Scratch& s) {
+    return HistRow<uint64_t, double>(k, o, m, num_bins, s);
+  };
   if (keys.element_type() == ffi::DataType::U32 &&
       weights->element_type() == ffi::DataType::F32) {
-    AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
-            losses->typed_data<float>(), rows, n, Row32);
+    if (num_bins > 0)
+      AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
+              losses->typed_data<float>(), rows, n, hist32);
+    else
+      AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
+              losses->typed_data<float>(), rows, n, Row32);
   } else if (keys.element_type() == ffi::DataType::U64 &&
              weights->element_type() == ffi::DataType::F64) {
-    AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
-            losses->typed_data<double>(), rows, n, Row64);
+    if (num_bins > 0)
+      AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
+              losses->typed_data<double>(), rows, n, hist64);
+    else
+      AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
+              losses->typed_data<double>(), rows, n, Row64);
   } else {
     return ffi::Error::InvalidArgument("expected u32 keys -> f32 or u64 keys -> f64");
   }
@@ -186,4 +251,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxWeights, WeightsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("num_bins"));

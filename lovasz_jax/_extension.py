@@ -26,8 +26,11 @@ are broken by putting foreground pixels first, then by the sort's order.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lovasz_jax import _cpu
@@ -117,44 +120,123 @@ def _weights_and_losses_xla(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   return w, losses
 
 
-def weights_and_losses(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Each pixel's Lovász weight (pixel order) and each row's loss."""
+def encode_bins(errors: jax.Array, fg: jax.Array, valid: jax.Array,
+                num_bins: int) -> jax.Array:
+  """Histogram-mode keys: ``((bin << 1) | fg) + 1``, 0 for void pixels.
+
+  ``bin = floor(error * num_bins)``, clipped to ``[0, num_bins)``; the
+  quantised error is the bin's centre ``(bin + 1/2) / num_bins``, within
+  ``1 / (2 num_bins)`` of every error in ``[0, 1]``. The keys order pixels
+  like ``encode_keys`` does, by the quantised errors.
+  """
+  errors = lax.stop_gradient(errors)
+  key_dtype = _KEY_DTYPES[errors.dtype.itemsize]
+  scaled = jnp.where(jnp.isnan(errors), num_bins, errors * num_bins)
+  bins = jnp.clip(jnp.floor(scaled), 0, num_bins - 1).astype(key_dtype)
+  keys = ((bins << 1) | fg.astype(key_dtype)) + 1
+  return jnp.where(valid, keys, 0).astype(key_dtype)
+
+
+def _histogram_xla(keys: jax.Array, num_bins: int) -> tuple[jax.Array, jax.Array]:
+  """Portable histogram mode: counts by scatter-add, no sort.
+
+  Each (bin, fg) slot's pixels share one weight: foreground slots weigh
+  ``1 / (g + fp)``, a background slot of ``n`` pixels
+  ``(g - tp) / ((g + fp) (g + fp + n))`` (``1 / n`` when ``g + fp == 0``),
+  with ``tp, fp`` counted before the slot in descending order, foreground
+  first within a bin. This is the average of the weights the sorted order
+  would give the slot's pixels, so it is a valid subgradient.
+  """
+  dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
+  slots = 2 * num_bins + 1
+  axis = keys.ndim - 1
+  index = keys.astype(jnp.int32)
+  lead = [lax.broadcasted_iota(jnp.int32, keys.shape, d) for d in range(axis)]
+  spec = _sharding.spec_of(keys)
+  out_sharding = (_sharding.named(keys, spec[:-1] + (None,)) if any(spec)
+                  else None)
+  counts = jnp.zeros(keys.shape[:-1] + (slots,), jnp.int32).at[
+      (*lead, index)].add(1, out_sharding=out_sharding)
+  desc = counts[..., :0:-1]                     # slots 2K .. 1, descending
+  slot = np.arange(slots - 1, 0, -1).reshape((1,) * axis + (slots - 1,))
+  is_fg = (slot - 1) & 1 == 1
+  tp_after = jnp.cumsum(jnp.where(is_fg, desc, 0), axis=-1)
+  fp_after = jnp.cumsum(jnp.where(is_fg, 0, desc), axis=-1)
+  g = tp_after[..., -1:]
+  tp = tp_after - jnp.where(is_fg, desc, 0)     # before the slot
+  fp = fp_after - jnp.where(is_fg, 0, desc)
+  u = (g + fp).astype(dtype)
+  n = desc.astype(dtype)
+  w_fg = 1 / jnp.maximum(u, 1)
+  w_bg = jnp.where(u == 0, 1 / jnp.maximum(n, 1),
+                   (g - tp).astype(dtype) / (jnp.maximum(u, 1) * (u + n)))
+  omega = jnp.where(desc > 0, jnp.where(is_fg, w_fg, w_bg), 0)
+  centre = ((((slot - 1) >> 1) + 0.5) / num_bins).astype(dtype)
+  losses = jnp.sum(n * omega * centre, axis=-1)
+  by_key = jnp.concatenate([jnp.zeros_like(omega[..., :1]), omega[..., ::-1]],
+                           axis=-1)
+  return jnp.take_along_axis(by_key, index, axis=-1), losses
+
+
+def weights_and_losses(keys: jax.Array,
+                       num_bins: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Each pixel's Lovász weight (pixel order) and each row's loss.
+
+  Args:
+    keys: ``encode_keys`` keys (``num_bins == 0``, exact: the rows are
+      sorted) or ``encode_bins`` keys (``num_bins > 0``: histogram mode).
+    num_bins: 0, or the number of bins of ``encode_bins``.
+  """
   if keys.shape[-1] == 0:
     dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
     return jnp.zeros(keys.shape, dtype), jnp.zeros(keys.shape[:-1], dtype)
   # A row is ordered as a whole: under explicit sharding, a row split over
-  # devices (batch mode) is gathered for the sort, and the weights are
+  # devices (batch mode) is gathered for the kernel, and the weights are
   # handed back with the keys' sharding.
   spec, original = _sharding.spec_of(keys), keys
   split = spec[-1] is not None
   if split:
     keys = _sharding.reshard(keys, spec[:-1] + (None,))
+  portable = (functools.partial(_histogram_xla, num_bins=num_bins) if num_bins
+              else _weights_and_losses_xla)
   if not _cpu.available():
-    w, losses = _weights_and_losses_xla(keys)
+    w, losses = portable(keys)
   else:
     w, losses = lax.platform_dependent(
-        keys, cpu=_cpu.weights_and_losses, default=_weights_and_losses_xla)
+        keys, cpu=functools.partial(_cpu.weights_and_losses, num_bins=num_bins),
+        default=portable)
   if split:
     w = _sharding.reshard(w, spec, like=original)
   return w, losses
 
 
-@jax.custom_jvp
-def row_losses(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
+def encode(errors: jax.Array, fg: jax.Array, valid: jax.Array,
+           num_bins: int) -> jax.Array:
+  """``encode_keys`` (``num_bins == 0``) or ``encode_bins``."""
+  if num_bins:
+    return encode_bins(errors, fg, valid, num_bins)
+  return encode_keys(errors, fg, valid)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def row_losses(errors: jax.Array, fg: jax.Array, valid: jax.Array,
+               num_bins: int = 0) -> jax.Array:
   """Lovász extension of the Jaccard loss for each row ``[..., P] -> [...]``.
 
-  The value comes from the ordering kernel (accumulated in double precision
-  on CPU). The derivative with respect to ``errors`` is the Alg. 1 weight of
-  each pixel (0 at void pixels): the extension is linear once the order is
-  fixed, so nothing is differentiated through the sort.
+  The value comes from the kernel (accumulated in double precision on CPU).
+  The derivative with respect to ``errors`` is each pixel's weight (0 at
+  void pixels): the extension is linear once the order is fixed, so nothing
+  is differentiated through the sort. With ``num_bins > 0`` the errors
+  (which must lie in [0, 1]) are quantised to that many bins first
+  (histogram mode, no sort; the value moves by at most ``1 / (2 num_bins)``).
   """
-  return weights_and_losses(encode_keys(errors, fg, valid))[1]
+  return weights_and_losses(encode(errors, fg, valid, num_bins), num_bins)[1]
 
 
 @row_losses.defjvp
-def _row_losses_jvp(primals, tangents):
+def _row_losses_jvp(num_bins, primals, tangents):
   errors, fg, valid = primals
-  w, losses = weights_and_losses(encode_keys(errors, fg, valid))
+  w, losses = weights_and_losses(encode(errors, fg, valid, num_bins), num_bins)
   return losses, jnp.sum(tangents[0] * w, axis=-1)
 
 

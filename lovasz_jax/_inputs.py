@@ -65,6 +65,16 @@ def check_positive_int(value: Any, name: str) -> int:
   return value
 
 
+def check_method(method: Any, num_bins: Any) -> int:
+  """Validates ``method``/``num_bins``; returns the bins to use (0 = exact)."""
+  if method not in ("sort", "histogram"):
+    raise ValueError(f'method must be "sort" or "histogram", got {method!r}.')
+  num_bins = check_positive_int(num_bins, "num_bins")
+  if num_bins > 2**24:
+    raise ValueError(f"num_bins must be at most 2**24, got {num_bins}.")
+  return num_bins if method == "histogram" else 0
+
+
 def check_ignore_index(ignore_index: Any) -> int | None:
   if ignore_index is None:
     return None

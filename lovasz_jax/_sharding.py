@@ -18,17 +18,17 @@ def spec_of(x: jax.Array) -> tuple:
   return spec + (None,) * (x.ndim - len(spec))
 
 
-def _named(x: jax.Array, spec) -> NamedSharding:
+def named(x: jax.Array, spec) -> NamedSharding:
   return NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec(*spec))
 
 
 def reshard(x: jax.Array, spec, like: jax.Array | None = None) -> jax.Array:
   """``x`` with partition ``spec`` on the mesh of ``like`` (default ``x``)."""
-  return jax.sharding.reshard(x, _named(x if like is None else like, spec))
+  return jax.sharding.reshard(x, named(x if like is None else like, spec))
 
 
 def reshape(x: jax.Array, shape: tuple[int, ...], spec) -> jax.Array:
-  return jax.lax.reshape(x, shape, out_sharding=_named(x, spec))
+  return jax.lax.reshape(x, shape, out_sharding=named(x, spec))
 
 
 def varying_axes(x: jax.Array) -> tuple[str, ...]:

@@ -53,6 +53,10 @@ def main():
         "per_image_lean": functools.partial(lovasz_jax.lovasz_softmax, ignore_index=255,
                                             per_image=True, class_chunk_size=2),
         "hinge": lambda x, y: lovasz_jax.lovasz_hinge(x[..., 0], (y == 1).astype(jnp.int32)),
+        "batch_hist": functools.partial(lovasz_jax.lovasz_softmax, ignore_index=255,
+                                        method="histogram"),
+        "per_image_hist": functools.partial(lovasz_jax.lovasz_softmax, ignore_index=255,
+                                            per_image=True, method="histogram"),
     }.items():
       step = jax.jit(jax.value_and_grad(fn))
       v1, g1 = step(logits, labels)             # one device

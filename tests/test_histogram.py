@@ -1,0 +1,128 @@
+"""method="histogram": sort-free, within 1/(2K) of the exact loss."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import lovasz_jax
+from lovasz_jax import _cpu, _extension
+from tests import reference
+
+
+def _quantised_reference(logits, labels, num_bins, **kwargs):
+  """The exact float64 loss of the errors replaced by their bins' centres."""
+  probs = reference.softmax(np.asarray(logits, np.float64))
+  num_classes = probs.shape[-1]
+  fg = labels[..., None] == np.arange(num_classes)
+  errors = np.abs(fg - probs)
+  bins = np.clip(np.floor(errors * num_bins), 0, num_bins - 1)
+  centres = (bins + 0.5) / num_bins
+  # Probabilities whose errors are the centres: p = fg - centre or centre.
+  q = np.where(fg, 1 - centres, centres)
+  return reference.lovasz_softmax(q, labels, from_logits=False, **kwargs)[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from([1, 7, 64, 4096]), st.booleans(),
+       st.sampled_from(["present", "all"]))
+def test_histogram_is_the_exact_loss_of_the_quantised_errors(seed, num_bins, per_image,
+                                                             classes):
+  rng = np.random.default_rng(seed)
+  logits = (rng.normal(size=(2, 7, 6, 4)) * 3).astype(np.float32)
+  labels = rng.integers(0, 4, (2, 7, 6))
+  where = rng.random(labels.shape) < 0.8
+  kwargs = dict(per_image=per_image, classes=classes, where=where)
+  hist = lovasz_jax.lovasz_softmax(logits, labels, method="histogram", num_bins=num_bins,
+                                   **kwargs)
+  exact = lovasz_jax.lovasz_softmax(logits, labels, **kwargs)
+  np.testing.assert_allclose(hist, _quantised_reference(logits, labels, num_bins, **kwargs),
+                             atol=2e-5)
+  assert abs(float(hist) - float(exact)) <= 0.5 / num_bins + 1e-6
+
+
+@pytest.mark.parametrize("num_bins", [16, 256, 4096])
+def test_bound_is_attained(num_bins):
+  # Every error on a bin's lower edge: each moves up by exactly 1/(2K), and
+  # a row's weights sum to 1, so the loss moves by exactly 1/(2K).
+  k = np.arange(1, 200) % (num_bins - 1) + 1
+  p1 = (k / num_bins).astype(np.float32)
+  probs = np.stack([1 - p1, p1], axis=-1)[None]
+  labels = np.zeros((1, k.size), np.int32)  # class 0: errors are p1
+  exact = lovasz_jax.lovasz_softmax(probs, labels, from_logits=False)
+  hist = lovasz_jax.lovasz_softmax(probs, labels, from_logits=False, method="histogram",
+                                   num_bins=num_bins)
+  np.testing.assert_allclose(float(hist) - float(exact), 0.5 / num_bins, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_gradients_agree_with_exact_in_aggregate(per_image):
+  rng = np.random.default_rng(1)
+  logits = (rng.normal(size=(2, 32, 32, 5)) * 2).astype(np.float32)
+  labels = rng.integers(0, 5, (2, 32, 32))
+  f = functools.partial(lovasz_jax.lovasz_softmax, per_image=per_image)
+  _, g_exact = jax.value_and_grad(f)(logits, labels)
+  _, g_hist = jax.value_and_grad(functools.partial(f, method="histogram"))(logits, labels)
+  g_exact, g_hist = np.asarray(g_exact, np.float64), np.asarray(g_hist, np.float64)
+  rel = np.linalg.norm(g_hist - g_exact) / np.linalg.norm(g_exact)
+  assert rel < 0.02
+  np.testing.assert_allclose(g_hist.sum(), g_exact.sum(), atol=1e-6)
+  np.testing.assert_allclose(np.abs(g_hist).sum(), np.abs(g_exact).sum(), rtol=0.02)
+
+
+def test_hard_predictions_within_the_bound():
+  rng = np.random.default_rng(2)
+  labels = rng.integers(0, 3, (2, 9, 9))
+  pred = np.where(rng.random(labels.shape) < 0.7, labels, rng.integers(0, 3, labels.shape))
+  probs = np.eye(3, dtype=np.float32)[pred]
+  hist = lovasz_jax.lovasz_softmax(probs, labels, from_logits=False, method="histogram",
+                                   num_bins=64)
+  expected = reference.mean_iou_loss(pred, labels, np.ones(labels.shape, bool), 3)
+  assert abs(float(hist) - expected) <= 0.5 / 64 + 1e-6
+
+
+def test_all_void_jit_and_vmap():
+  f = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(
+      lovasz_jax.lovasz_softmax, method="histogram", ignore_index=255, num_bins=8))))
+  logits = np.random.default_rng(3).normal(size=(3, 2, 4, 4, 3)).astype(np.float32)
+  labels = np.random.default_rng(3).integers(0, 3, (3, 2, 4, 4))
+  labels[1] = 255
+  values, grads = f(logits, labels)
+  assert values[1] == 0 and not np.any(grads[1])
+  for i in (0, 2):
+    v, g = jax.value_and_grad(functools.partial(
+        lovasz_jax.lovasz_softmax, method="histogram", num_bins=8))(logits[i], labels[i])
+    np.testing.assert_allclose(values[i], v, rtol=1e-6)
+    np.testing.assert_allclose(grads[i], g, atol=1e-7)
+
+
+@pytest.mark.skipif(not _cpu.available(), reason="native CPU kernel not built")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_native_and_portable_histograms_agree(dtype):
+  with jax.enable_x64(dtype == np.float64):
+    rng = np.random.default_rng(4)
+    shape = (2, 3, 500)
+    errors = jnp.asarray(rng.random(shape), dtype)
+    fg = jnp.asarray(rng.random(shape) < 0.3)
+    valid = jnp.asarray(rng.random(shape) < 0.9).at[1, 2].set(False)
+    keys = _extension.encode_bins(errors, fg, valid, 50)
+    native = jax.jit(functools.partial(_cpu.weights_and_losses, num_bins=50))(keys)
+    portable = jax.jit(functools.partial(_extension._histogram_xla, num_bins=50))(keys)
+    for a, b in zip(native, portable):
+      assert a.dtype == b.dtype == dtype
+      np.testing.assert_allclose(a, b, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    assert native[1][1, 2] == 0 and not np.any(native[0][1, 2])
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(method="bins"), r'method must be "sort" or "histogram", got \'bins\''),
+    (dict(method="histogram", num_bins=0), r"num_bins must be a positive int, got 0"),
+    (dict(method="histogram", num_bins=2**25), r"num_bins must be at most 2\*\*24"),
+])
+def test_bad_method_options(kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    lovasz_jax.lovasz_softmax(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2), np.int32),
+                              **kwargs)
