@@ -8,6 +8,8 @@ PyTorch rows run on the CPU.
 
 Rows:
   lovasz_jax            jit(value_and_grad(lovasz_softmax))
+  lean                  the same with class_chunk_size=4 (memory-lean mode)
+  histogram             the same with method="histogram", num_bins=4096
   lovasz_jax portable   the same with the native CPU kernel off (XLA's sort)
   naive JAX port        argsort + gather + cumsum + dot for each class, jitted
   PyTorch loop          the reference's structure: a loop over classes with
@@ -137,6 +139,10 @@ def bench_shape(name, shape, repeats, with_torch):
                    _temp_ratio(fn, logits, labels) if memory else None)
 
   time_jax("lovasz_jax", lovasz_jax.lovasz_softmax)
+  time_jax("lovasz_jax lean (class_chunk_size=4)",
+           functools.partial(lovasz_jax.lovasz_softmax, class_chunk_size=4))
+  time_jax("lovasz_jax histogram (4096 bins)",
+           functools.partial(lovasz_jax.lovasz_softmax, method="histogram"))
   if jax.default_backend() == "cpu" and _cpu.available():
     _cpu.available.cache_clear()
     os.environ["LOVASZ_JAX_CPU_KERNEL"] = "0"
