@@ -1,12 +1,14 @@
 """lovasz_jax: exact, jit-ready Lovász losses for JAX.
 
-The Lovász-Softmax loss and the Lovász hinge of Berman, Rannen Triki &
-Blaschko (CVPR 2018) as pure JAX functions.
+The Lovász-Softmax loss, the Lovász sigmoid and the Lovász hinge of Berman,
+Rannen Triki & Blaschko (CVPR 2018) as pure JAX functions.
 """
 
+from lovasz_jax._binary import HINGE_STATIC_ARGNAMES as HINGE_STATIC_ARGNAMES
+from lovasz_jax._binary import lovasz_hinge as lovasz_hinge
+from lovasz_jax._binary import lovasz_sigmoid as lovasz_sigmoid
+from lovasz_jax._binary import SIGMOID_STATIC_ARGNAMES as SIGMOID_STATIC_ARGNAMES
 from lovasz_jax._extension import lovasz_grad as lovasz_grad
-from lovasz_jax._losses import HINGE_STATIC_ARGNAMES as HINGE_STATIC_ARGNAMES
-from lovasz_jax._losses import lovasz_hinge as lovasz_hinge
 from lovasz_jax._losses import lovasz_softmax as lovasz_softmax
 from lovasz_jax._losses import SOFTMAX_STATIC_ARGNAMES as SOFTMAX_STATIC_ARGNAMES
 
@@ -14,8 +16,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HINGE_STATIC_ARGNAMES",
+    "SIGMOID_STATIC_ARGNAMES",
     "SOFTMAX_STATIC_ARGNAMES",
     "lovasz_grad",
     "lovasz_hinge",
+    "lovasz_sigmoid",
     "lovasz_softmax",
 ]

@@ -25,7 +25,6 @@ ClassesLike = Literal["present", "all"] | tuple[int, ...] | list[int]
 SOFTMAX_STATIC_ARGNAMES = (
     "axis", "classes", "per_image", "ignore_index", "from_logits",
     "class_chunk_size", "method", "num_bins")
-HINGE_STATIC_ARGNAMES = ("per_image", "ignore_index")
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -60,25 +59,12 @@ def reduce_rows(losses: jax.Array, counted: jax.Array,
 def _groups(x: jax.Array, per_image: bool, tail: int = 0) -> jax.Array:
   """Reshape ``[B, ..., *tail]`` to ``[G, P, *tail]`` (G = B or 1).
 
-  Under explicit sharding (``jax.make_mesh``'s default axis types), the
-  merged pixel axis keeps the sharding of its leading input axis, so a batch
-  sharded over devices stays sharded.
+  Under explicit sharding the merged pixel axis keeps the sharding of its
+  leading axis (see ``_sharding.merge_axes``).
   """
-  keep = x.shape[x.ndim - tail:] if tail else ()
-  g = x.shape[0] if per_image else 1
-  shape = (g, -1) + keep
-  spec = _sharding.spec_of(x)
-  if not any(spec):  # unsharded, or sharding left to the compiler
-    return x.reshape(shape)
-  first = 1 if per_image else 0
-  merged = spec[first:x.ndim - tail]
-  if any(merged[1:]):  # only the leading axis of a merged run may stay sharded
-    spec = spec[:first + 1] + (None,) * (len(merged) - 1) + spec[x.ndim - tail:]
-    x = _sharding.reshard(x, spec)
-  out = ((spec[0],) if per_image else (None,)) + (merged[0] if merged else None,)
-  out += spec[x.ndim - tail:]
-  return _sharding.reshape(
-      x, (g, int(np.prod(x.shape[first:x.ndim - tail]))) + keep, out)
+  pixels = x.ndim - tail - (1 if per_image else 0)
+  runs = (1, pixels) if per_image else (0, pixels)
+  return _sharding.merge_axes(x, runs + (1,) * tail)
 
 
 def lovasz_softmax(
@@ -317,78 +303,3 @@ def _softmax_row_losses(x, lab, val, selected, from_logits, chunk, num_bins):
 
 
 _softmax_row_losses.defvjp(_softmax_rows_fwd, _softmax_rows_bwd)
-
-
-def lovasz_hinge(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    per_image: bool = True,
-    ignore_index: int | None = None,
-    where: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
-  r"""The binary Lovász hinge loss.
-
-  With signs :math:`s_i = 2 y_i - 1` and errors :math:`e_i = 1 - x_i s_i`,
-
-  .. math::
-    \text{loss} = \sum_i \max(e_{\pi(i)}, 0)\, g_i(\pi),
-
-  with :math:`\pi` the descending order of the errors and :math:`g` the
-  Alg. 1 weights of the foreground (``y = 1``) class. The foreground class
-  always counts, so an image without foreground is penalised by its largest
-  positive error.
-
-  Args:
-    logits: float ``[B, ...]`` real scores.
-    labels: ``[B, ...]`` values in {0, 1} (or ``ignore_index``). A concrete
-      call raises ``ValueError`` for other values; under ``jax.jit`` the loss
-      is NaN instead.
-    per_image: loss per image (axis 0), then the mean over images with at
-      least one valid pixel. Otherwise one loss over all pixels.
-    ignore_index: label value of void pixels.
-    where: boolean mask of valid pixels, the labels' shape.
-
-  Returns:
-    A scalar loss; 0 (with zero gradient) when no pixel is valid.
-
-  Examples:
-    >>> import jax.numpy as jnp, lovasz_jax
-    >>> logits = jnp.array([[2., -2., 0.5]])
-    >>> labels = jnp.array([[1, 0, 0]])
-    >>> float(lovasz_jax.lovasz_hinge(logits, labels))
-    0.75
-
-  References:
-    Berman, Rannen Triki & Blaschko, CVPR 2018, Sec. 3.1 (the Lovász hinge).
-  """
-  logits = _inputs.as_float(logits, "logits")
-  labels = _inputs.as_int(labels, "labels")
-  if logits.ndim < 1:
-    raise ValueError(f"logits must have a batch axis, got shape {logits.shape}.")
-  if labels.shape != logits.shape:
-    raise ValueError(
-        f"labels must have the logits' shape {logits.shape}, got {labels.shape}.")
-  per_image = _inputs.check_static_bool(per_image, "per_image")
-  ignore_index = _inputs.check_ignore_index(ignore_index)
-  where = _inputs.check_where(where, labels.shape, "labels")
-  _inputs.check_label_range(labels, 0, 2, ignore_index, where,
-                            "the binary Lovász hinge (labels must be 0 or 1)")
-  return _hinge_impl(logits, labels, where, per_image=per_image,
-                     ignore_index=ignore_index)
-
-
-@functools.partial(jax.jit, static_argnames=HINGE_STATIC_ARGNAMES)
-def _hinge_impl(logits, labels, where, *, per_image, ignore_index):
-  dtype = _inputs.compute_dtype(logits.dtype)
-  labels = labels.astype(jnp.int32)
-  valid = _inputs.valid_mask(labels, ignore_index, where)
-  x = jnp.where(valid, logits.astype(dtype), 0)
-  fg = labels == 1
-  errors = jax.nn.relu(1 - x * jnp.where(fg, 1, -1).astype(dtype))
-  val = _groups(valid, per_image)
-  losses = _extension.row_losses(
-      _groups(errors, per_image), _groups(fg, per_image), val)
-  loss = reduce_rows(losses[:, None], jnp.any(val, axis=-1)[:, None])
-  bad = _inputs.has_bad_labels(labels, valid, 0, 2)
-  return jnp.where(bad, jnp.nan, loss)

@@ -7,6 +7,8 @@ Under automatic sharding (or none) specs are empty and these are no-ops.
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -37,3 +39,26 @@ def varying_axes(x: jax.Array) -> tuple[str, ...]:
   mat = getattr(aval, "mat", None)
   axes = mat.varying if mat is not None else getattr(aval, "vma", ())
   return tuple(sorted(axes))
+
+
+def merge_axes(x: jax.Array, runs: tuple[int, ...]) -> jax.Array:
+  """Reshape ``x`` so that each output axis is a run of consecutive axes.
+
+  ``runs`` gives each output axis's number of input axes (0 makes a new
+  axis of size 1) and sums to ``x.ndim``. Sizes are explicit, so empty
+  arrays reshape too. Under explicit sharding an output axis keeps the
+  sharding of its run's leading axis (other axes of a run are gathered
+  first), so a batch sharded over devices stays sharded.
+  """
+  assert sum(runs) == x.ndim, (runs, x.shape)
+  starts = [sum(runs[:i]) for i in range(len(runs))]
+  shape = tuple(math.prod(x.shape[s:s + r]) for s, r in zip(starts, runs))
+  spec = spec_of(x)
+  if not any(spec):  # unsharded, or sharding left to the compiler
+    return x.reshape(shape)
+  inner = [i for s, r in zip(starts, runs) for i in range(s + 1, s + r)]
+  if any(spec[i] for i in inner):
+    spec = tuple(None if i in inner else p for i, p in enumerate(spec))
+    x = reshard(x, spec)
+  out = tuple(spec[s] if r else None for s, r in zip(starts, runs))
+  return reshape(x, shape, out)

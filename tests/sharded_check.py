@@ -53,6 +53,9 @@ def main():
         "per_image_lean": functools.partial(lovasz_jax.lovasz_softmax, ignore_index=255,
                                             per_image=True, class_chunk_size=2),
         "hinge": lambda x, y: lovasz_jax.lovasz_hinge(x[..., 0], (y == 1).astype(jnp.int32)),
+        "sigmoid_multilabel": lambda x, y: lovasz_jax.lovasz_sigmoid(
+            x, jax.nn.one_hot(y, 5, dtype=jnp.int32), axis=-1, per_image=True,
+            where=jnp.broadcast_to((y != 255)[..., None], x.shape)),
         "batch_hist": functools.partial(lovasz_jax.lovasz_softmax, ignore_index=255,
                                         method="histogram"),
         "per_image_hist": functools.partial(lovasz_jax.lovasz_softmax, ignore_index=255,

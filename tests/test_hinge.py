@@ -27,7 +27,7 @@ def problems(draw):
 
 
 def _value_and_grad(logits, labels, kwargs):
-  static = {k: kwargs[k] for k in lovasz_jax.HINGE_STATIC_ARGNAMES}
+  static = {k: kwargs[k] for k in lovasz_jax.HINGE_STATIC_ARGNAMES if k in kwargs}
   fn = functools.partial(lovasz_jax.lovasz_hinge, **static)
   return jax.jit(jax.value_and_grad(fn))(logits, labels, where=kwargs["where"])
 

@@ -126,3 +126,19 @@ def test_bad_method_options(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     lovasz_jax.lovasz_softmax(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2), np.int32),
                               **kwargs)
+
+
+@pytest.mark.parametrize("axis", [None, -1])
+def test_sigmoid_histogram_within_the_bound(axis):
+  rng = np.random.default_rng(5)
+  logits = (rng.normal(size=(2, 12, 10, 3)) * 2).astype(np.float32)
+  labels = (rng.random(logits.shape) < 0.3).astype(np.int32)
+  for num_bins in (8, 4096):
+    exact = lovasz_jax.lovasz_sigmoid(logits, labels, axis=axis)
+    hist = lovasz_jax.lovasz_sigmoid(logits, labels, axis=axis, method="histogram",
+                                     num_bins=num_bins)
+    assert abs(float(hist) - float(exact)) <= 0.5 / num_bins + 1e-6
+  g_exact = jax.grad(functools.partial(lovasz_jax.lovasz_sigmoid, axis=axis))(logits, labels)
+  g_hist = jax.grad(functools.partial(lovasz_jax.lovasz_sigmoid, axis=axis,
+                                      method="histogram"))(logits, labels)
+  assert np.linalg.norm(g_hist - g_exact) / np.linalg.norm(g_exact) < 0.02

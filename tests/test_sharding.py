@@ -27,7 +27,7 @@ MESHES = ["explicit", "auto"]
 
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("name", ["batch", "per_image", "per_image_lean", "hinge",
-                                  "batch_hist", "per_image_hist"])
+                                  "batch_hist", "per_image_hist", "sigmoid_multilabel"])
 def test_sharded_equals_single_device(results, mesh, name):
   name = f"{mesh}/{name}"
   r = results[name]
@@ -38,7 +38,8 @@ def test_sharded_equals_single_device(results, mesh, name):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("name", ["per_image", "per_image_lean", "hinge", "per_image_hist"])
+@pytest.mark.parametrize("name", ["per_image", "per_image_lean", "hinge", "per_image_hist",
+                                  "sigmoid_multilabel"])
 def test_per_image_moves_no_pixels(results, mesh, name):
   name = f"{mesh}/{name}"
   r = results[name]
