@@ -9,14 +9,12 @@ import json
 import os
 import re
 
-assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
-
-import lovasz_jax  # pylint: disable=wrong-import-position
+import lovasz_jax
 
 _COLLECTIVE = re.compile(
     r"= (\S+) (all-gather|all-to-all|all-reduce|reduce-scatter|collective-permute)"
@@ -34,6 +32,8 @@ def shape_elements(shape):
 
 
 def main():
+  assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), (
+      "run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(8, 32, 32, 5)).astype(np.float32)
   labels = rng.integers(0, 5, (8, 32, 32))
