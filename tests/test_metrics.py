@@ -82,7 +82,7 @@ def problems(draw):
   return seed, shape, num_classes, void_frac, use_where
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(problems())
 def test_matches_reference_property(problem):
   seed, shape, num_classes, void_frac, use_where = problem
