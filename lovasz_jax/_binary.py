@@ -19,25 +19,28 @@ of all channels' pixels put together, which large channels dominate. Passing
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lovasz_jax import _extension
+from lovasz_jax import _distribute
 from lovasz_jax import _inputs
 from lovasz_jax import _sharding
 from lovasz_jax._losses import ClassesLike
+from lovasz_jax._losses import global_any
 from lovasz_jax._losses import reduce_rows
 
 SIGMOID_STATIC_ARGNAMES = (
     "axis", "classes", "per_image", "ignore_index", "from_logits", "method",
-    "num_bins")
-HINGE_STATIC_ARGNAMES = ("axis", "classes", "per_image", "ignore_index")
+    "num_bins", "axis_name")
+HINGE_STATIC_ARGNAMES = (
+    "axis", "classes", "per_image", "ignore_index", "axis_name")
 
 
 def _check(logits, labels, where, axis, classes, per_image, ignore_index,
-           what):
+           axis_name, name, what):
   """Validates the inputs shared by both losses; returns canonical values."""
   logits = _inputs.as_float(logits, "logits")
   labels = _inputs.as_int(labels, "labels")
@@ -72,8 +75,14 @@ def _check(logits, labels, where, axis, classes, per_image, ignore_index,
           "axis=0). Put the channels on another axis, or set per_image=False.")
     classes = _inputs.check_classes(classes, num_channels)
   where = _inputs.check_where(where, labels.shape, "labels")
+  axis_name = _inputs.check_axis_name(axis_name)
   _inputs.check_label_range(labels, 0, 2, ignore_index, where, what)
-  return logits, labels, where, axis, classes, per_image, ignore_index
+  skip = ({0} if per_image else set()) | (set() if axis is None else {axis})
+  row = math.prod(d for i, d in enumerate(logits.shape) if i not in skip)
+  if axis_name is not None and not per_image:
+    row *= math.prod(jax.lax.axis_size(a) for a in axis_name)
+  _inputs.check_row_length(row, name)
+  return logits, labels, where, axis, classes, per_image, ignore_index, axis_name
 
 
 def _rows(a: jax.Array, axis: int | None, per_image: bool) -> jax.Array:
@@ -115,30 +124,40 @@ _ERRORS = {
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "errors", "axis", "classes", "per_image", "ignore_index", "num_bins"))
+    "errors", "axis", "classes", "per_image", "ignore_index", "num_bins",
+    "axis_name"))
 def _impl(logits, labels, where, *, errors, axis, classes, per_image,
-          ignore_index, num_bins=0):
+          ignore_index, num_bins=0, axis_name=None):
   dtype = _inputs.compute_dtype(logits.dtype)
-  labels = labels.astype(jnp.int32)
   valid = _inputs.valid_mask(labels, ignore_index, where)
   bad = _inputs.has_bad_labels(labels, valid, 0, 2)
+  labels = _inputs.narrow_labels(labels, valid, 0, 2)
   x = _rows(logits, axis, per_image)                     # [G, K, P]
   lab = _rows(labels, axis, per_image)
   val = _rows(valid, axis, per_image)
   if not isinstance(classes, str):
     ids = np.asarray(classes)
     x, lab, val = x[:, ids], lab[:, ids], val[:, ids]
-  # Void pixels take part in nothing, even when their logits are not finite.
-  x = jnp.where(val, x.astype(dtype), 0)
+  x = x.astype(dtype)
+  # Bad input gives a NaN loss and gradient: labels other than 0 and 1,
+  # non-finite logits, or probabilities outside [0, 1], at valid pixels of
+  # the channels that take part. Void pixels take part in nothing.
+  bad |= (_inputs.bad_probabilities(x, val) if errors == "probabilities"
+          else _inputs.bad_logits(x, val))
+  x = jnp.where(val, x, 0)
   fg = lab == 1
-  losses = _extension.row_losses(_ERRORS[errors](x, fg), fg, val,
-                                 num_bins)                        # [G, K]
+  # With axis_name, batch-mode rows are split over the devices; per_image
+  # rows are whole, and only the mean over images crosses devices.
+  rows_axis = None if per_image else axis_name
+  losses = _distribute.row_losses(_ERRORS[errors](x, fg), fg, val, num_bins,
+                                  rows_axis, not per_image)       # [G, K]
   if classes == "present":
-    counted = jnp.any(fg & val, axis=-1)
+    counted = global_any(fg & val, rows_axis, axis=-1)
   else:
-    counted = jnp.any(val, axis=-1)
-  loss = reduce_rows(losses, counted)
-  return jnp.where(bad, jnp.nan, loss)
+    counted = global_any(val, rows_axis, axis=-1)
+  loss = reduce_rows(losses, counted,
+                     group_axis_name=axis_name if per_image else None)
+  return _inputs.poison(loss, bad, axis_name)
 
 
 def lovasz_sigmoid(
@@ -153,6 +172,7 @@ def lovasz_sigmoid(
     from_logits: bool = True,
     method: str = "sort",
     num_bins: int = 4096,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""The Lovász sigmoid loss, binary or multi-label.
 
@@ -232,13 +252,17 @@ def lovasz_sigmoid(
   """
   from_logits = _inputs.check_static_bool(from_logits, "from_logits")
   num_bins = _inputs.check_method(method, num_bins)
-  logits, labels, where, axis, classes, per_image, ignore_index = _check(
-      logits, labels, where, axis, classes, per_image, ignore_index,
-      "the Lovász sigmoid (labels must be 0 or 1)")
+  logits, labels, where, axis, classes, per_image, ignore_index, axis_name = (
+      _check(logits, labels, where, axis, classes, per_image, ignore_index,
+             axis_name, "lovasz_sigmoid",
+             "the Lovász sigmoid (labels must be 0 or 1)"))
+  if not from_logits:
+    _inputs.check_probabilities(logits, labels, ignore_index, where, None)
   return _impl(logits, labels, where,
                errors="sigmoid" if from_logits else "probabilities",
                axis=axis, classes=classes, per_image=per_image,
-               ignore_index=ignore_index, num_bins=num_bins)
+               ignore_index=ignore_index, num_bins=num_bins,
+               axis_name=axis_name)
 
 
 def lovasz_hinge(
@@ -250,6 +274,7 @@ def lovasz_hinge(
     per_image: bool = True,
     ignore_index: int | None = None,
     where: jax.typing.ArrayLike | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""The Lovász hinge loss, binary or multi-label.
 
@@ -314,8 +339,10 @@ def lovasz_hinge(
   References:
     Berman, Rannen Triki & Blaschko, CVPR 2018, Sec. 3.1 (the Lovász hinge).
   """
-  logits, labels, where, axis, classes, per_image, ignore_index = _check(
-      logits, labels, where, axis, classes, per_image, ignore_index,
-      "the Lovász hinge (labels must be 0 or 1)")
+  logits, labels, where, axis, classes, per_image, ignore_index, axis_name = (
+      _check(logits, labels, where, axis, classes, per_image, ignore_index,
+             axis_name, "lovasz_hinge",
+             "the Lovász hinge (labels must be 0 or 1)"))
   return _impl(logits, labels, where, errors="hinge", axis=axis,
-               classes=classes, per_image=per_image, ignore_index=ignore_index)
+               classes=classes, per_image=per_image, ignore_index=ignore_index,
+               axis_name=axis_name)

@@ -26,16 +26,14 @@ import tempfile
 import warnings
 
 import jax
-import jax.custom_batching
 import jaxlib
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
 from lovasz_jax import _sharding
 
 _TARGET = "lovasz_jax_weights"
+_COUNTS_TARGET = "lovasz_jax_counts"
+_LOOKUP_TARGET = "lovasz_jax_lookup"
 _SOURCE = pathlib.Path(__file__).with_name("_cpu_kernel.cc")
 
 
@@ -84,6 +82,10 @@ def available() -> bool:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
     jax.ffi.register_ffi_target(
         _TARGET, jax.ffi.pycapsule(lib.LovaszJaxWeights), platform="cpu")
+    jax.ffi.register_ffi_target(
+        _COUNTS_TARGET, jax.ffi.pycapsule(lib.LovaszJaxCounts), platform="cpu")
+    jax.ffi.register_ffi_target(
+        _LOOKUP_TARGET, jax.ffi.pycapsule(lib.LovaszJaxLookup), platform="cpu")
   except Exception as e:  # pylint: disable=broad-except
     warnings.warn(
         f"lovasz_jax: the native CPU kernel is unavailable ({e}); falling "
@@ -93,76 +95,48 @@ def available() -> bool:
   return True
 
 
-def _call(num_bins: int, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _varying_like(keys: jax.Array, *outs: jax.Array) -> tuple[jax.Array, ...]:
+  # Inside shard_map a custom call's results vary over the same mesh axes as
+  # its operand.
+  vma = _sharding.varying_axes(keys)
+  if vma:
+    outs = tuple(jax.lax.pcast(a, vma, to="varying") for a in outs)
+  return outs
+
+
+def exact_weights(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Lovász weights in pixel order and row losses of whole rows, on CPU.
+
+  Args:
+    keys: ``encode_keys`` keys ``[..., P]`` (uint32, or uint64 for float64).
+  """
+  if not available():
+    raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
   out_dtype = "float32" if keys.dtype.itemsize == 4 else "float64"
   call = jax.ffi.ffi_call(
       _TARGET,
       (jax.ShapeDtypeStruct(keys.shape, out_dtype),
        jax.ShapeDtypeStruct(keys.shape[:-1], out_dtype)),
       vmap_method="broadcast_all")
-  return call(keys, num_bins=np.int64(num_bins))
+  return _varying_like(keys, *call(keys, num_bins=np.int64(0)))
 
 
-# Rows are independent, so under a sharded jit each device runs the kernel on
-# its own rows: the leading axes keep their sharding, and only the pixel axis
-# of a row must be whole on one device. Without this rule the partitioner
-# would gather every row to every device.
-def _shardings(mesh, keys):
-  spec = tuple(getattr(keys.sharding, "spec", ()))
-  spec = (spec + (None,) * keys.ndim)[:keys.ndim - 1]
-  return (NamedSharding(mesh, PartitionSpec(*spec, None)),
-          NamedSharding(mesh, PartitionSpec(*spec)))
-
-
-@functools.cache
-def _wrapped_call(num_bins: int):
-  """The kernel call with a partitioning rule and a batching rule."""
-  call = functools.partial(_call, num_bins)
-
-  def infer(mesh, arg_shapes, result_shape):
-    del result_shape
-    return _shardings(mesh, arg_shapes[0])
-
-  def partition(mesh, arg_shapes, result_shape):
-    del result_shape
-    rows, losses = _shardings(mesh, arg_shapes[0])
-    return mesh, call, (rows, losses), (rows,)
-
-  sharded = custom_partitioning(call)
-  sharded.def_partition(
-      infer_sharding_from_operands=infer, partition=partition,
-      sharding_rule="... p -> ... p, ...", need_replication_factors=("p",))
-
-  # custom_partitioning has no batching rule; under vmap the mapped axis is
-  # just one more leading axis of rows.
-  @jax.custom_batching.custom_vmap
-  def batchable(keys):
-    return sharded(keys)
-
-  @batchable.def_vmap
-  def _(axis_size, in_batched, keys):
-    del axis_size
-    batched = bool(in_batched[0])
-    return batchable(keys), (batched, batched)
-
-  return batchable
-
-
-def weights_and_losses(keys: jax.Array,
-                       num_bins: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Lovász weights in pixel order and row losses, on CPU.
-
-  Args:
-    keys: ``encode_keys`` keys (``num_bins == 0``: exact, sorted) or
-      ``encode_bins`` keys (``num_bins > 0``: histogram mode, no sort).
-    num_bins: 0, or the number of bins the keys were quantised to.
-  """
+def histogram_counts(keys: jax.Array, num_bins: int) -> jax.Array:
+  """Pixels per slot ``[..., 2K + 1]`` (int32) of ``encode_bins`` keys, on CPU."""
   if not available():
     raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
-  w, losses = _wrapped_call(num_bins)(keys)
-  # Inside shard_map the custom call's results vary over the same mesh axes
-  # as its operand.
-  vma = _sharding.varying_axes(keys)
-  if vma:
-    w, losses = (jax.lax.pcast(a, vma, to="varying") for a in (w, losses))
-  return w, losses
+  call = jax.ffi.ffi_call(
+      _COUNTS_TARGET,
+      jax.ShapeDtypeStruct(keys.shape[:-1] + (2 * num_bins + 1,), "int32"),
+      vmap_method="broadcast_all")
+  return _varying_like(keys, call(keys, num_bins=np.int64(num_bins)))[0]
+
+
+def lookup(omega: jax.Array, keys: jax.Array) -> jax.Array:
+  """``omega[..., keys]`` along the last axis (each pixel's slot weight), on CPU."""
+  if not available():
+    raise RuntimeError("the lovasz_jax native CPU kernel is unavailable")
+  call = jax.ffi.ffi_call(
+      _LOOKUP_TARGET, jax.ShapeDtypeStruct(keys.shape, omega.dtype),
+      vmap_method="broadcast_all")
+  return _varying_like(keys, call(omega, keys))[0]

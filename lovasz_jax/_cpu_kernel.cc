@@ -245,6 +245,83 @@ ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
   return ffi::Error::Success();
 }
 
+// Histogram counts: keys [..., P] (u32 or u64, made by encode_bins) ->
+// counts [..., 2K + 1] (s32), the number of pixels in each slot of a row. Slot
+// 0 holds the void pixels. Rows are independent; counts of a row split over
+// devices add up, which is what lets a row span devices in histogram mode.
+template <typename K>
+void CountRows(const K* keys, int32_t* counts, int64_t rows, int64_t n,
+               int64_t slots) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const K* k = keys + r * n;
+    int32_t* c = counts + r * slots;
+    std::fill(c, c + slots, 0);
+    for (int64_t i = 0; i < n; ++i)
+      ++c[std::min<uint64_t>(static_cast<uint64_t>(k[i]), slots - 1)];
+  }
+}
+
+ffi::Error CountsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::Buffer<ffi::S32>> counts,
+                      int64_t num_bins) {
+  const auto dims = keys.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("keys must have rank >= 1");
+  const int64_t n = dims.back();
+  if (n > static_cast<int64_t>(INT32_MAX))
+    return ffi::Error::InvalidArgument("rows longer than 2^31 - 1 pixels are not supported");
+  if (num_bins < 1 || num_bins > (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("num_bins must be in [1, 2^30]");
+  const int64_t slots = 2 * num_bins + 1;
+  const int64_t rows = static_cast<int64_t>(counts->element_count()) / slots;
+  if (keys.element_type() == ffi::DataType::U32)
+    CountRows(keys.typed_data<uint32_t>(), counts->typed_data(), rows, n, slots);
+  else if (keys.element_type() == ffi::DataType::U64)
+    CountRows(keys.typed_data<uint64_t>(), counts->typed_data(), rows, n, slots);
+  else
+    return ffi::Error::InvalidArgument("expected u32 or u64 keys");
+  return ffi::Error::Success();
+}
+
+// Histogram weights: out[r, i] = omega[r, keys[r, i]] for keys [..., P] and a
+// table omega [..., S] (f32 or f64), each pixel's slot weight.
+template <typename K, typename F>
+void LookupRows(const K* keys, const F* omega, F* out, int64_t rows, int64_t n,
+                int64_t slots) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const K* k = keys + r * n;
+    const F* w = omega + r * slots;
+    F* o = out + r * n;
+    for (int64_t i = 0; i < n; ++i)
+      o[i] = w[std::min<uint64_t>(static_cast<uint64_t>(k[i]), slots - 1)];
+  }
+}
+
+ffi::Error LookupImpl(ffi::AnyBuffer omega, ffi::AnyBuffer keys,
+                      ffi::Result<ffi::AnyBuffer> out) {
+  const auto kd = keys.dimensions(), od = omega.dimensions();
+  if (kd.size() == 0 || od.size() != kd.size())
+    return ffi::Error::InvalidArgument("omega and keys must have the same rank >= 1");
+  const int64_t n = kd.back(), slots = od.back();
+  const int64_t rows = slots == 0 ? 0 : static_cast<int64_t>(omega.element_count()) / slots;
+  if (slots == 0) return ffi::Error::InvalidArgument("omega must have slots");
+  const bool k32 = keys.element_type() == ffi::DataType::U32;
+  const bool k64 = keys.element_type() == ffi::DataType::U64;
+  if (omega.element_type() == ffi::DataType::F32 && k32)
+    LookupRows(keys.typed_data<uint32_t>(), omega.typed_data<float>(),
+               out->typed_data<float>(), rows, n, slots);
+  else if (omega.element_type() == ffi::DataType::F64 && k64)
+    LookupRows(keys.typed_data<uint64_t>(), omega.typed_data<double>(),
+               out->typed_data<double>(), rows, n, slots);
+  else if (omega.element_type() == ffi::DataType::F32 && k64)
+    LookupRows(keys.typed_data<uint64_t>(), omega.typed_data<float>(),
+               out->typed_data<float>(), rows, n, slots);
+  else if (omega.element_type() == ffi::DataType::F64 && k32)
+    LookupRows(keys.typed_data<uint32_t>(), omega.typed_data<double>(),
+               out->typed_data<double>(), rows, n, slots);
+  else
+    return ffi::Error::InvalidArgument("expected f32/f64 omega and u32/u64 keys");
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxWeights, WeightsImpl,
@@ -253,3 +330,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxWeights, WeightsImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("num_bins"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxCounts, CountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("num_bins"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxLookup, LookupImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

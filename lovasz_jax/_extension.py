@@ -2,7 +2,7 @@
 
 Everything in this module works on rows: ``errors [..., P]`` (non-negative),
 ``fg [..., P]`` (the foreground indicator) and ``valid [..., P]``. It knows
-nothing about softmax, images or classes.
+nothing about softmax, images, classes, backends or devices.
 
 For one row, with the valid pixels put in descending order of error and
 ``g`` foreground pixels among them, Alg. 1 of Berman et al. gives the weight
@@ -18,25 +18,36 @@ computed in closed form from integer counts ``tp_i`` and ``fp_i`` instead::
 
 The loss of a row is the dot product of its errors with those weights. The
 extension is piecewise linear, so its gradient with respect to the errors is
-the weight vector itself: ``row_losses`` has a custom JVP that reuses the
-forward pass's weights, and nothing is ever differentiated through a sort.
+the weight vector itself: ``_distribute.row_losses`` has a custom JVP that
+reuses the forward pass's weights, and nothing is ever differentiated through
+a sort.
 At tied errors any order of the tied pixels gives a valid subgradient; ties
-are broken by putting foreground pixels first, then by the sort's order.
+are broken by putting foreground pixels first, then by pixel order.
+
+Histogram mode (``num_bins = K > 0``) needs no order: the keys hold each
+error's bin instead of its bits, a row is summarised by the counts of its
+``2K + 1`` slots (see ``slot_weights``), and each pixel takes its slot's
+weight. Counts add up, so rows split over devices need only their counts
+summed (``_distribute``).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lovasz_jax import _cpu
-from lovasz_jax import _sharding
-
 _KEY_DTYPES = {4: jnp.uint32, 8: jnp.uint64}
+
+# Counts are int32 (XLA's native integer on every backend), so a row may hold
+# at most 2**31 - 1 pixels; callers check this at trace time.
+MAX_ROW_PIXELS = 2**31 - 1
+
+
+def float_dtype(keys: jax.Array):
+  """The float dtype that goes with a key dtype (u32 -> f32, u64 -> f64)."""
+  return jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
 
 
 def encode_keys(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
@@ -49,7 +60,8 @@ def encode_keys(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array
   single-operand integer sort then carries everything the weights need.
 
   Args:
-    errors: float errors ``[..., P]``, non-negative (NaN sorts as +inf).
+    errors: float errors ``[..., P]``, non-negative (NaN sorts as +inf; the
+      losses make such a loss NaN themselves, see ``_losses.poison``).
     fg: boolean foreground indicator ``[..., P]``.
     valid: boolean validity ``[..., P]``.
 
@@ -62,6 +74,54 @@ def encode_keys(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array
   bits = lax.bitcast_convert_type(errors, key_dtype)
   keys = ((bits << 1) | fg.astype(key_dtype)) + 1
   return jnp.where(valid, keys, 0).astype(key_dtype)
+
+
+def encode_bins(errors: jax.Array, fg: jax.Array, valid: jax.Array,
+                num_bins: int) -> jax.Array:
+  """Histogram-mode keys: ``((bin << 1) | fg) + 1``, 0 for void pixels.
+
+  ``bin = floor(error * num_bins)``, clipped to ``[0, num_bins)`` (an error
+  of exactly 1 is in the top bin); the quantised error is the bin's centre
+  ``(bin + 1/2) / num_bins``, within ``1 / (2 num_bins)`` of every error in
+  ``[0, 1]``. The keys order pixels like ``encode_keys`` does, by the
+  quantised errors, and a key is also its slot's index in ``[0, 2K]``.
+  """
+  errors = lax.stop_gradient(errors)
+  key_dtype = _KEY_DTYPES[errors.dtype.itemsize]
+  scaled = jnp.where(jnp.isnan(errors), num_bins, errors * num_bins)
+  bins = jnp.clip(jnp.floor(scaled), 0, num_bins - 1).astype(key_dtype)
+  keys = ((bins << 1) | fg.astype(key_dtype)) + 1
+  return jnp.where(valid, keys, 0).astype(key_dtype)
+
+
+def encode(errors: jax.Array, fg: jax.Array, valid: jax.Array,
+           num_bins: int) -> jax.Array:
+  """``encode_keys`` (``num_bins == 0``) or ``encode_bins``."""
+  if num_bins:
+    return encode_bins(errors, fg, valid, num_bins)
+  return encode_keys(errors, fg, valid)
+
+
+def prefix_counts(flags: jax.Array) -> jax.Array:
+  """Inclusive prefix counts of boolean ``flags`` along the last axis (int32).
+
+  Equal to ``cumsum(flags, dtype=int32)``, without a full-size int32 input
+  or scan: the flags are packed 32 to a uint32 word, the words' population
+  counts are scanned (1/32 of the size), and each position adds the
+  population count of its word's bits up to it. XLA fuses that last step
+  into its consumer, so no full-size temporary remains.
+  """
+  lead, pixels = flags.shape[:-1], flags.shape[-1]
+  words = -(-pixels // 32)
+  bits = jnp.pad(flags, [(0, 0)] * len(lead) + [(0, words * 32 - pixels)])
+  bits = bits.reshape(lead + (words, 32)).astype(jnp.uint32)
+  shift = lax.broadcasted_iota(jnp.uint32, bits.shape, bits.ndim - 1)
+  packed = jnp.sum(bits << shift, axis=-1, dtype=jnp.uint32)   # [..., words]
+  per_word = lax.population_count(packed).astype(jnp.int32)
+  before = jnp.cumsum(per_word, axis=-1) - per_word
+  upto = (jnp.uint32(2) << shift) - 1                           # bits 0..j
+  inner = lax.population_count(packed[..., None] & upto).astype(jnp.int32)
+  return (before[..., None] + inner).reshape(lead + (words * 32,))[..., :pixels]
 
 
 def closed_form_weights(fg_sorted: jax.Array, valid_sorted: jax.Array,
@@ -77,7 +137,7 @@ def closed_form_weights(fg_sorted: jax.Array, valid_sorted: jax.Array,
     The weights ``[..., P]``, 0 at void pixels.
   """
   fg = fg_sorted & valid_sorted
-  tp = jnp.cumsum(fg, axis=-1, dtype=jnp.int32)
+  tp = prefix_counts(fg)
   # Void pixels are last, so the number of valid pixels seen is position + 1.
   seen = lax.broadcasted_iota(jnp.int32, fg.shape, fg.ndim - 1) + 1
   fp = seen - tp
@@ -93,72 +153,48 @@ def closed_form_weights(fg_sorted: jax.Array, valid_sorted: jax.Array,
 
 def decode_errors(keys: jax.Array) -> jax.Array:
   """The errors that ``encode_keys`` packed (0 for void pixels)."""
-  float_dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
   bits = jnp.where(keys == 0, 0, (keys - 1) >> 1).astype(keys.dtype)
-  return lax.bitcast_convert_type(bits, float_dtype)
+  return lax.bitcast_convert_type(bits, float_dtype(keys))
 
 
-def _weights_and_losses_xla(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Portable path: one XLA sort with the pixel index as payload."""
-  axis = keys.ndim - 1
-  index = lax.broadcasted_iota(jnp.int32, keys.shape, axis)
-  # ~key ascending is key descending; a stable sort makes ties deterministic.
-  neg_sorted, perm = lax.sort((~keys, index), dimension=axis, num_keys=1,
-                              is_stable=True)
-  keys_sorted = ~neg_sorted
+def sorted_weights(keys_sorted: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Weights (in sorted order) and row losses of keys sorted descending."""
   valid = keys_sorted != 0
   fg = ((keys_sorted - 1) & 1) == 1
   errors = decode_errors(keys_sorted)
   w_sorted = closed_form_weights(fg, valid, errors.dtype)
-  losses = jnp.sum(errors * w_sorted, axis=-1)
-  # Scatter the weights back to pixel order along the last axis.
-  lead = [lax.broadcasted_iota(jnp.int32, keys.shape, d) for d in range(axis)]
-  spec = _sharding.spec_of(keys)
-  w = jnp.zeros(keys.shape, errors.dtype).at[(*lead, perm)].set(
-      w_sorted, unique_indices=True,
-      out_sharding=jax.typeof(keys).sharding if any(spec) else None)
-  return w, losses
+  return w_sorted, jnp.sum(errors * w_sorted, axis=-1)
 
 
-def encode_bins(errors: jax.Array, fg: jax.Array, valid: jax.Array,
-                num_bins: int) -> jax.Array:
-  """Histogram-mode keys: ``((bin << 1) | fg) + 1``, 0 for void pixels.
+def slot_weights(counts: jax.Array, num_bins: int,
+                 dtype) -> tuple[jax.Array, jax.Array]:
+  """Histogram mode: each slot's weight and each row's loss, from counts.
 
-  ``bin = floor(error * num_bins)``, clipped to ``[0, num_bins)``; the
-  quantised error is the bin's centre ``(bin + 1/2) / num_bins``, within
-  ``1 / (2 num_bins)`` of every error in ``[0, 1]``. The keys order pixels
-  like ``encode_keys`` does, by the quantised errors.
-  """
-  errors = lax.stop_gradient(errors)
-  key_dtype = _KEY_DTYPES[errors.dtype.itemsize]
-  scaled = jnp.where(jnp.isnan(errors), num_bins, errors * num_bins)
-  bins = jnp.clip(jnp.floor(scaled), 0, num_bins - 1).astype(key_dtype)
-  keys = ((bins << 1) | fg.astype(key_dtype)) + 1
-  return jnp.where(valid, keys, 0).astype(key_dtype)
-
-
-def _histogram_xla(keys: jax.Array, num_bins: int) -> tuple[jax.Array, jax.Array]:
-  """Portable histogram mode: counts by scatter-add, no sort.
-
-  Each (bin, fg) slot's pixels share one weight: foreground slots weigh
-  ``1 / (g + fp)``, a background slot of ``n`` pixels
+  Slot ``s = ((bin << 1) | fg) + 1`` holds the row's pixels of one bin and
+  kind; slot 0 holds the void pixels. In descending order (foreground first
+  within a bin) each slot's pixels share one weight: a foreground slot
+  weighs ``1 / (g + fp)``, a background slot of ``n`` pixels
   ``(g - tp) / ((g + fp) (g + fp + n))`` (``1 / n`` when ``g + fp == 0``),
-  with ``tp, fp`` counted before the slot in descending order, foreground
-  first within a bin. This is the average of the weights the sorted order
-  would give the slot's pixels, so it is a valid subgradient.
+  with ``tp, fp`` counted before the slot. That is the average of the
+  weights the sorted order would give the slot's pixels (all their errors
+  are the bin's centre), so it is a valid subgradient, and the row's loss is
+  the exact loss of the quantised errors.
+
+  Args:
+    counts: int ``[..., 2K + 1]`` pixels per slot (the whole row's, summed
+      over devices if the row is split).
+    num_bins: K.
+    dtype: float dtype of the results.
+
+  Returns:
+    ``omega [..., 2K + 1]`` (0 for slot 0 and empty slots), and the row
+    losses ``[...]``.
   """
-  dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
   slots = 2 * num_bins + 1
-  axis = keys.ndim - 1
-  index = keys.astype(jnp.int32)
-  lead = [lax.broadcasted_iota(jnp.int32, keys.shape, d) for d in range(axis)]
-  spec = _sharding.spec_of(keys)
-  out_sharding = (_sharding.named(keys, spec[:-1] + (None,)) if any(spec)
-                  else None)
-  counts = jnp.zeros(keys.shape[:-1] + (slots,), jnp.int32).at[
-      (*lead, index)].add(1, out_sharding=out_sharding)
   desc = counts[..., :0:-1]                     # slots 2K .. 1, descending
-  slot = np.arange(slots - 1, 0, -1).reshape((1,) * axis + (slots - 1,))
+  # Built from an iota, not a NumPy constant: this runs inside
+  # custom_partitioning rules, which take no constants.
+  slot = slots - 1 - lax.broadcasted_iota(jnp.int32, desc.shape, desc.ndim - 1)
   is_fg = (slot - 1) & 1 == 1
   tp_after = jnp.cumsum(jnp.where(is_fg, desc, 0), axis=-1)
   fp_after = jnp.cumsum(jnp.where(is_fg, 0, desc), axis=-1)
@@ -175,69 +211,7 @@ def _histogram_xla(keys: jax.Array, num_bins: int) -> tuple[jax.Array, jax.Array
   losses = jnp.sum(n * omega * centre, axis=-1)
   by_key = jnp.concatenate([jnp.zeros_like(omega[..., :1]), omega[..., ::-1]],
                            axis=-1)
-  return jnp.take_along_axis(by_key, index, axis=-1), losses
-
-
-def weights_and_losses(keys: jax.Array,
-                       num_bins: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Each pixel's Lovász weight (pixel order) and each row's loss.
-
-  Args:
-    keys: ``encode_keys`` keys (``num_bins == 0``, exact: the rows are
-      sorted) or ``encode_bins`` keys (``num_bins > 0``: histogram mode).
-    num_bins: 0, or the number of bins of ``encode_bins``.
-  """
-  if keys.shape[-1] == 0:
-    dtype = jnp.float32 if keys.dtype.itemsize == 4 else jnp.float64
-    return jnp.zeros(keys.shape, dtype), jnp.zeros(keys.shape[:-1], dtype)
-  # A row is ordered as a whole: under explicit sharding, a row split over
-  # devices (batch mode) is gathered for the kernel, and the weights are
-  # handed back with the keys' sharding.
-  spec, original = _sharding.spec_of(keys), keys
-  split = spec[-1] is not None
-  if split:
-    keys = _sharding.reshard(keys, spec[:-1] + (None,))
-  portable = (functools.partial(_histogram_xla, num_bins=num_bins) if num_bins
-              else _weights_and_losses_xla)
-  if not _cpu.available():
-    w, losses = portable(keys)
-  else:
-    w, losses = lax.platform_dependent(
-        keys, cpu=functools.partial(_cpu.weights_and_losses, num_bins=num_bins),
-        default=portable)
-  if split:
-    w = _sharding.reshard(w, spec, like=original)
-  return w, losses
-
-
-def encode(errors: jax.Array, fg: jax.Array, valid: jax.Array,
-           num_bins: int) -> jax.Array:
-  """``encode_keys`` (``num_bins == 0``) or ``encode_bins``."""
-  if num_bins:
-    return encode_bins(errors, fg, valid, num_bins)
-  return encode_keys(errors, fg, valid)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def row_losses(errors: jax.Array, fg: jax.Array, valid: jax.Array,
-               num_bins: int = 0) -> jax.Array:
-  """Lovász extension of the Jaccard loss for each row ``[..., P] -> [...]``.
-
-  The value comes from the kernel (accumulated in double precision on CPU).
-  The derivative with respect to ``errors`` is each pixel's weight (0 at
-  void pixels): the extension is linear once the order is fixed, so nothing
-  is differentiated through the sort. With ``num_bins > 0`` the errors
-  (which must lie in [0, 1]) are quantised to that many bins first
-  (histogram mode, no sort; the value moves by at most ``1 / (2 num_bins)``).
-  """
-  return weights_and_losses(encode(errors, fg, valid, num_bins), num_bins)[1]
-
-
-@row_losses.defjvp
-def _row_losses_jvp(num_bins, primals, tangents):
-  errors, fg, valid = primals
-  w, losses = weights_and_losses(encode(errors, fg, valid, num_bins), num_bins)
-  return losses, jnp.sum(tangents[0] * w, axis=-1)
+  return by_key, losses
 
 
 def lovasz_grad(fg_sorted: jax.typing.ArrayLike) -> jax.Array:
@@ -258,11 +232,23 @@ def lovasz_grad(fg_sorted: jax.typing.ArrayLike) -> jax.Array:
     float32 weights ``[..., P]`` (float64 if the input is float64). They
     telescope to ``J_P = 1``: every non-empty row's weights sum to 1.
 
+  Raises:
+    ValueError: for a 0-d input (there is no pixel axis).
+    TypeError: for a non-numeric input.
+
   References:
     Berman, Rannen Triki & Blaschko, "The Lovász-Softmax loss", CVPR 2018,
     Algorithm 1.
   """
   fg_sorted = jnp.asarray(fg_sorted)
+  if fg_sorted.ndim == 0:
+    raise ValueError(
+        "lovasz_grad needs at least one axis (the sorted pixels, last), got a "
+        f"0-d input {fg_sorted!r}.")
+  if not (fg_sorted.dtype == jnp.bool_
+          or jnp.issubdtype(fg_sorted.dtype, jnp.number)):
+    raise TypeError(
+        f"lovasz_grad takes 0/1 or boolean indicators, got dtype {fg_sorted.dtype}.")
   dtype = jnp.promote_types(
       fg_sorted.dtype if jnp.issubdtype(fg_sorted.dtype, jnp.floating)
       else jnp.float32, jnp.float32)

@@ -1,9 +1,11 @@
 """Validation and canonical form of loss inputs, shared by every loss.
 
 Everything here runs at trace time, on shapes, dtypes and Python option
-values, so errors are raised before anything is compiled. The one check that
-needs values (labels outside ``[0, C)``) runs only when the labels are
-concrete; under ``jax.jit`` the loss reports such labels as NaN instead.
+values, so errors are raised before anything is compiled. The checks that
+need values (labels outside ``[0, C)``, probabilities outside ``[0, 1]``,
+class weights that are negative, not finite or all zero) run only when the
+values are concrete; under ``jax.jit`` the loss reports them with a NaN loss
+and a NaN gradient instead (``poison``).
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ def as_float(x: jax.typing.ArrayLike, name: str) -> jax.Array:
 
 
 def as_int(x: jax.typing.ArrayLike, name: str) -> jax.Array:
+  """An integer array (booleans become int32); the dtype is kept otherwise."""
   x = jnp.asarray(x)
-  if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_):
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.int32)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(
         f"{name} must be an integer array, got dtype {x.dtype}. Cast them "
-        "with labels.astype(jnp.int32).")
+        f"with {name}.astype(jnp.int32).")
   return x
+
+
+def _no_bool(value: Any, name: str, what: str) -> None:
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be {what}, got {value!r}.")
 
 
 def compute_dtype(dtype) -> Any:
@@ -39,6 +49,7 @@ def compute_dtype(dtype) -> Any:
 
 
 def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+  _no_bool(axis, name, "an int")
   try:
     axis = operator.index(axis)
   except TypeError:
@@ -56,6 +67,7 @@ def check_static_bool(value: Any, name: str) -> bool:
 
 
 def check_positive_int(value: Any, name: str) -> int:
+  _no_bool(value, name, "a positive int")
   try:
     value = operator.index(value)
   except TypeError:
@@ -66,18 +78,25 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 def check_method(method: Any, num_bins: Any) -> int:
-  """Validates ``method``/``num_bins``; returns the bins to use (0 = exact)."""
+  """Validates ``method``/``num_bins``; returns the bins to use (0 = exact).
+
+  ``num_bins`` only matters for ``method="histogram"``; with ``"sort"`` it
+  is ignored (any value).
+  """
   if method not in ("sort", "histogram"):
     raise ValueError(f'method must be "sort" or "histogram", got {method!r}.')
+  if method == "sort":
+    return 0
   num_bins = check_positive_int(num_bins, "num_bins")
   if num_bins > 2**24:
     raise ValueError(f"num_bins must be at most 2**24, got {num_bins}.")
-  return num_bins if method == "histogram" else 0
+  return num_bins
 
 
 def check_ignore_index(ignore_index: Any) -> int | None:
   if ignore_index is None:
     return None
+  _no_bool(ignore_index, "ignore_index", "an int or None")
   try:
     return operator.index(ignore_index)
   except TypeError:
@@ -138,9 +157,79 @@ def is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 
 
+def check_axis_name(axis_name: Any) -> tuple[str, ...] | None:
+  """``axis_name``: None, a mesh axis name, or a tuple of names.
+
+  The names must be bound, i.e. the loss must run inside ``shard_map`` (or
+  another transformation) over those mesh axes.
+  """
+  if axis_name is None:
+    return None
+  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  if not names or not all(isinstance(n, str) for n in names):
+    raise TypeError(
+        "axis_name must be a mesh axis name or a tuple of names, got "
+        f"{axis_name!r}.")
+  for name in names:
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+          f"axis_name={axis_name!r}: axis {name!r} is not bound here. Pass "
+          "axis_name only inside jax.shard_map over a mesh with that axis; "
+          "under jax.jit with sharded inputs, leave it None.") from None
+  return names
+
+
+def _in_dtype(value: int, dtype) -> bool:
+  info = np.iinfo(dtype)
+  return info.min <= value <= info.max
+
+
 def valid_mask(labels: jax.Array, ignore_index: int | None,
                where: jax.Array | None) -> jax.Array:
+  """``where & (labels != ignore_index)``, compared in the labels' own dtype."""
   valid = jnp.ones(labels.shape, bool) if where is None else where
+  if ignore_index is not None and _in_dtype(ignore_index, labels.dtype):
+    valid = valid & (labels != ignore_index)
+  return valid
+
+
+def out_of_range(labels: jax.Array, low: int, high: int) -> jax.Array:
+  """Labels outside ``[low, high)``, compared in the labels' own dtype.
+
+  No narrowing happens first, so int64 labels of 2**31 or more (with
+  ``jax_enable_x64``) are out of range, not wrapped into a class.
+  """
+  bad = jnp.zeros(labels.shape, bool)
+  info = np.iinfo(labels.dtype)
+  if low > info.min:
+    bad = bad | (labels < low)
+  if high <= info.max:
+    bad = bad | (labels >= high)
+  return bad
+
+
+def narrow_labels(labels: jax.Array, valid: jax.Array, low: int,
+                  high: int) -> jax.Array:
+  """int32 labels; invalid or out-of-range entries become ``low - 1``."""
+  ok = valid & ~out_of_range(labels, low, high)
+  return jnp.where(ok, jnp.where(ok, labels, low).astype(jnp.int32), low - 1)
+
+
+def has_bad_labels(labels: jax.Array, valid: jax.Array, low: int,
+                   high: int) -> jax.Array:
+  return jnp.any(valid & out_of_range(labels, low, high))
+
+
+def _show(values: np.ndarray) -> str:
+  shown = ", ".join(str(v) for v in values[:5])
+  return shown + ("" if len(values) <= 5 else f" and {len(values) - 5} more")
+
+
+def _np_valid(labels: np.ndarray, ignore_index: int | None,
+              where: jax.Array | None) -> np.ndarray:
+  valid = np.ones(labels.shape, bool) if where is None else np.asarray(where)
   if ignore_index is not None:
     valid = valid & (labels != ignore_index)
   return valid
@@ -152,27 +241,111 @@ def check_label_range(labels: jax.Array, low: int, high: int,
   """Raises ValueError for valid labels outside ``[low, high)``, if concrete.
 
   Under a trace this check cannot run; callers turn such labels into a NaN
-  loss instead (see ``has_bad_labels``).
+  loss and gradient instead (see ``has_bad_labels`` and ``poison``).
   """
   if not is_concrete(labels, where):
     return
   # NumPy only: inside a trace, jnp ops on constants would give tracers.
   lab = np.asarray(labels)
-  valid = np.ones(lab.shape, bool) if where is None else np.asarray(where)
-  if ignore_index is not None:
-    valid = valid & (lab != ignore_index)
+  valid = _np_valid(lab, ignore_index, where)
   bad = valid & ((lab < low) | (lab >= high))
   if bad.any():
     values = np.unique(lab[bad])
-    shown = ", ".join(str(v) for v in values[:5])
-    more = "" if len(values) <= 5 else f" and {len(values) - 5} more"
     hint = (f" If {values[0]} marks void pixels, pass ignore_index={values[0]}."
             if ignore_index is None else "")
     raise ValueError(
-        f"labels hold values outside [{low}, {high}) for {what}: {shown}{more}."
-        + hint)
+        f"labels hold values outside [{low}, {high}) for {what}: "
+        f"{_show(values)}." + hint)
 
 
-def has_bad_labels(labels: jax.Array, valid: jax.Array, low: int,
-                   high: int) -> jax.Array:
-  return jnp.any(valid & ((labels < low) | (labels >= high)))
+def check_probabilities(probs: jax.Array, labels: jax.Array,
+                        ignore_index: int | None, where: jax.Array | None,
+                        channel_axis: int | None) -> None:
+  """``from_logits=False``: valid pixels' values must lie in ``[0, 1]``.
+
+  Checked when concrete; under a trace the loss is NaN instead. With
+  ``channel_axis`` (softmax) every class of a valid pixel is checked.
+  """
+  if not is_concrete(probs, labels, where):
+    return
+  p = np.asarray(probs)
+  valid = _np_valid(np.asarray(labels), ignore_index, where)
+  if channel_axis is not None:
+    p = np.moveaxis(p, channel_axis, -1)
+    valid = np.broadcast_to(valid[..., None], p.shape)
+  bad = valid & ~((p >= 0) & (p <= 1))
+  if bad.any():
+    raise ValueError(
+        "with from_logits=False the inputs must be probabilities in [0, 1], "
+        f"but valid pixels hold {_show(np.unique(p[bad]))}. Pass "
+        "from_logits=True for logits.")
+
+
+def bad_probabilities(probs: jax.Array, valid: jax.Array) -> jax.Array:
+  return jnp.any(valid & ~((probs >= 0) & (probs <= 1)))
+
+
+def bad_logits(logits: jax.Array, valid: jax.Array) -> jax.Array:
+  """NaN or infinite logits at valid pixels (they make the loss NaN)."""
+  return jnp.any(valid & ~jnp.isfinite(logits))
+
+
+def check_class_weights(class_weights: Any, num_classes: int) -> jax.Array | None:
+  """Shape and dtype at trace time; values when concrete.
+
+  Weights must be finite and non-negative with a positive entry. Under a
+  trace the value check cannot run; the loss is then NaN for such weights
+  (``bad_class_weights``).
+  """
+  if class_weights is None:
+    return None
+  class_weights = jnp.asarray(class_weights)
+  if class_weights.shape != (num_classes,):
+    raise ValueError(
+        f"class_weights must have shape ({num_classes},) (one per class), "
+        f"got {class_weights.shape}.")
+  if not (jnp.issubdtype(class_weights.dtype, jnp.floating)
+          or jnp.issubdtype(class_weights.dtype, jnp.integer)):
+    raise TypeError(
+        f"class_weights must be numeric, got dtype {class_weights.dtype}.")
+  if is_concrete(class_weights):
+    w = np.asarray(class_weights, np.float64)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+      raise ValueError(
+          "class_weights must be finite and non-negative, got "
+          f"{_show(w[bad])} at class {_show(np.flatnonzero(bad))}.")
+    if not (w > 0).any():
+      raise ValueError(
+          "class_weights are all zero, so no class would count; give at least "
+          "one class a positive weight.")
+  return class_weights
+
+
+def bad_class_weights(class_weights: jax.Array | None) -> jax.Array:
+  if class_weights is None:
+    return jnp.zeros((), bool)
+  w = class_weights
+  return jnp.any(~jnp.isfinite(w) | (w < 0)) | jnp.all(w == 0)
+
+
+def poison(loss: jax.Array, bad: jax.Array, axis_name=None) -> jax.Array:
+  """``loss``, or NaN in value and gradient when ``bad``.
+
+  Multiplying by NaN (rather than selecting NaN) makes every entry of the
+  gradient NaN too, so ``optax.apply_if_finite`` skips the step and NaN
+  monitors see it. With ``axis_name`` a bad input on any device poisons the
+  loss everywhere.
+  """
+  if axis_name is not None:
+    bad = jax.lax.psum(bad.astype(jnp.int32), axis_name) > 0
+  return loss * jnp.where(bad, jnp.nan, 1).astype(loss.dtype)
+
+
+def check_row_length(pixels: int, what: str) -> None:
+  if pixels > 2**31 - 1:
+    raise ValueError(
+        f"{what} has {pixels} pixels in one row; lovasz_jax counts pixels "
+        "in int32, so a row (one class of the batch, or of one image with "
+        "per_image=True) may hold at most 2**31 - 1 pixels. Use "
+        "per_image=True or smaller batches.")

@@ -9,22 +9,27 @@ and ``jax.jit(loss, static_argnames=...)`` all work.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from lovasz_jax import _distribute
 from lovasz_jax import _extension
 from lovasz_jax import _inputs
 from lovasz_jax import _sharding
 
-ClassesLike = Literal["present", "all"] | tuple[int, ...] | list[int]
+# A list of ids works in a direct call; as a static argument of jax.jit the
+# ids must be a tuple (jit hashes static arguments, and lists are unhashable).
+ClassesLike = Literal["present", "all"] | tuple[int, ...] | Sequence[int]
 
 SOFTMAX_STATIC_ARGNAMES = (
     "axis", "classes", "per_image", "ignore_index", "from_logits",
-    "class_chunk_size", "method", "num_bins")
+    "class_chunk_size", "method", "num_bins", "axis_name")
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -33,27 +38,43 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 def reduce_rows(losses: jax.Array, counted: jax.Array,
-                weights: jax.Array | None = None) -> jax.Array:
+                weights: jax.Array | None = None,
+                group_axis_name: Any = None) -> jax.Array:
   """Weighted mean over counted rows of each group, then mean over groups.
 
   Args:
     losses: ``[G, K]`` the loss of each row (group x class).
     counted: ``[G, K]`` whether each row counts.
-    weights: optional ``[K]`` weights of the classes.
+    weights: optional ``[K]`` non-negative weights of the classes.
+    group_axis_name: inside ``shard_map``, the mesh axes over which the
+      groups are spread (``per_image`` with ``axis_name``): the mean is then
+      over the groups of every device.
 
   Returns:
-    A scalar: the mean, over groups with at least one counted row, of the
-    weighted mean of their counted rows; 0 when no row counts anywhere.
+    A scalar: the mean, over groups whose counted rows have a positive total
+    weight, of the weighted mean of their counted rows; 0 when no group
+    counts anywhere.
   """
   if weights is None:
     w = counted.astype(losses.dtype)
   else:
     w = jnp.where(counted, weights[None, :].astype(losses.dtype), 0)
+  total = jnp.sum(w, axis=-1)
   per_group = _safe_div(jnp.sum(jnp.where(counted, w * losses, 0), axis=-1),
-                        jnp.sum(w, axis=-1))
-  group_counted = jnp.any(counted, axis=-1)
-  return _safe_div(jnp.sum(jnp.where(group_counted, per_group, 0)),
-                   jnp.sum(group_counted).astype(losses.dtype))
+                        total)
+  group_counted = total > 0
+  num = jnp.sum(jnp.where(group_counted, per_group, 0))
+  den = jnp.sum(group_counted).astype(losses.dtype)
+  if group_axis_name is not None:
+    num, den = lax.psum((num, den), group_axis_name)
+  return _safe_div(num, den)
+
+
+def global_any(x: jax.Array, axis_name: Any, axis: int) -> jax.Array:
+  """``jnp.any`` along ``axis``; with ``axis_name``, over every device too."""
+  if axis_name is None:
+    return jnp.any(x, axis=axis)
+  return lax.psum(jnp.sum(x, axis=axis, dtype=jnp.int32), axis_name) > 0
 
 
 def _groups(x: jax.Array, per_image: bool, tail: int = 0) -> jax.Array:
@@ -81,6 +102,7 @@ def lovasz_softmax(
     class_chunk_size: int | None = None,
     method: Literal["sort", "histogram"] = "sort",
     num_bins: int = 4096,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""The Lovász-Softmax loss: a convex surrogate of the mean of 1 - IoU.
 
@@ -178,39 +200,46 @@ def lovasz_softmax(
   from_logits = _inputs.check_static_bool(from_logits, "from_logits")
   ignore_index = _inputs.check_ignore_index(ignore_index)
   where = _inputs.check_where(where, labels.shape, "labels")
-  if class_weights is not None:
-    class_weights = jnp.asarray(class_weights)
-    if class_weights.shape != (num_classes,):
-      raise ValueError(
-          f"class_weights must have shape ({num_classes},) (one per class), "
-          f"got {class_weights.shape}.")
-    if not (jnp.issubdtype(class_weights.dtype, jnp.floating)
-            or jnp.issubdtype(class_weights.dtype, jnp.integer)):
-      raise TypeError(
-          f"class_weights must be numeric, got dtype {class_weights.dtype}.")
+  class_weights = _inputs.check_class_weights(class_weights, num_classes)
   num_bins = _inputs.check_method(method, num_bins)
   if class_chunk_size is not None:
     class_chunk_size = _inputs.check_positive_int(class_chunk_size,
                                                   "class_chunk_size")
+  axis_name = _inputs.check_axis_name(axis_name)
   _inputs.check_label_range(labels, 0, num_classes, ignore_index, where,
                             f"logits with {num_classes} classes")
+  if not from_logits:
+    _inputs.check_probabilities(logits, labels, ignore_index, where, axis)
+  row = math.prod(expected[1:] if per_image else expected)
+  if axis_name is not None and not per_image:
+    row *= math.prod(lax.axis_size(a) for a in axis_name)
+  _inputs.check_row_length(row, "lovasz_softmax")
   return _softmax_impl(
       logits, labels, where, class_weights, axis=axis, classes=classes,
       per_image=per_image, ignore_index=ignore_index, from_logits=from_logits,
-      class_chunk_size=class_chunk_size, method=method, num_bins=num_bins)
+      class_chunk_size=class_chunk_size, num_bins=num_bins,
+      axis_name=axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=SOFTMAX_STATIC_ARGNAMES)
+@functools.partial(jax.jit, static_argnames=(
+    "axis", "classes", "per_image", "ignore_index", "from_logits",
+    "class_chunk_size", "num_bins", "axis_name"))
 def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
                   per_image, ignore_index, from_logits, class_chunk_size,
-                  method, num_bins):
-  del method  # num_bins is 0 for the exact method
+                  num_bins, axis_name):
   dtype = _inputs.compute_dtype(logits.dtype)
   x = jnp.moveaxis(logits, axis, -1).astype(dtype)
   num_classes = x.shape[-1]
-  labels = labels.astype(jnp.int32)
   valid = _inputs.valid_mask(labels, ignore_index, where)
-  # Void pixels take part in nothing, even when their logits are not finite.
+  # Bad input is reported as a NaN loss and gradient: labels outside [0, C)
+  # (checked before any narrowing), non-finite logits or probabilities
+  # outside [0, 1], and invalid class weights. Void pixels take part in
+  # nothing, so their values are not checked.
+  bad = _inputs.has_bad_labels(labels, valid, 0, num_classes)
+  bad |= (_inputs.bad_logits(x, valid[..., None]) if from_logits
+          else _inputs.bad_probabilities(x, valid[..., None]))
+  bad |= _inputs.bad_class_weights(class_weights)
+  labels = _inputs.narrow_labels(labels, valid, 0, num_classes)
   x = jnp.where(valid[..., None], x, 0)
   if isinstance(classes, str):
     selected = (True,) * num_classes
@@ -219,16 +248,21 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   x = _groups(x, per_image, tail=1)                  # [G, P, C]
   lab = _groups(labels, per_image)                   # [G, P]
   val = _groups(valid, per_image)                    # [G, P]
+  # With axis_name, batch-mode rows are split over the devices; per_image
+  # rows are whole, and only the mean over images crosses devices.
+  rows_axis = None if per_image else axis_name
   losses = _softmax_row_losses(x, lab, val, selected, from_logits,
-                               class_chunk_size, num_bins)  # [G, C]
+                               class_chunk_size, num_bins, rows_axis,
+                               not per_image)             # [G, C]
   if classes == "present":
     fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
-    counted = jnp.any(fg & val[:, :, None], axis=1)
+    counted = global_any(fg & val[:, :, None], rows_axis, axis=1)
   else:
-    counted = jnp.any(val, axis=-1, keepdims=True) & np.asarray(selected)[None, :]
-  loss = reduce_rows(losses, counted, class_weights)
-  bad = _inputs.has_bad_labels(labels, valid, 0, num_classes)
-  return jnp.where(bad, jnp.nan, loss)
+    counted = (global_any(val, rows_axis, axis=-1)[:, None]
+               & np.asarray(selected)[None, :])
+  loss = reduce_rows(losses, counted, class_weights,
+                     axis_name if per_image else None)
+  return _inputs.poison(loss, bad, axis_name)
 
 
 # The softmax rows have a hand-written VJP so that the only large residual is
@@ -237,10 +271,11 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
 # probabilities' cotangent. With class_chunk_size, classes are processed a
 # chunk at a time (lax.map, then the remaining classes), so the forward pass
 # holds the keys of one chunk.
-# Unselected classes are rows with no valid pixel: their sort is skipped.
+# Unselected classes are rows with no valid pixel: they cost no ordering.
 
 
-def _chunk_rows(num_bins, x, lab, val, log_norm, cls, row_valid):
+def _chunk_rows(num_bins, axis_name, spans_batch, x, lab, val, log_norm, cls,
+                row_valid):
   """Weights [G, k, P] and losses [G, k] of the classes ``cls`` ([k])."""
   logits = jnp.take(x, cls, axis=-1)                       # [G, P, k]
   probs = logits if log_norm is None else jnp.exp(logits - log_norm)
@@ -249,17 +284,19 @@ def _chunk_rows(num_bins, x, lab, val, log_norm, cls, row_valid):
   valid = val[:, :, None] & row_valid[None, None, :]
   rows = lambda a: jnp.swapaxes(a, 1, 2)                   # -> [G, k, P]
   keys = _extension.encode(rows(errors), rows(fg), rows(valid), num_bins)
-  return _extension.weights_and_losses(keys, num_bins)
+  return _distribute.row_weights(keys, num_bins, axis_name, spans_batch)
 
 
-def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins):
-  num_classes = x.shape[-1]
+def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins,
+                      axis_name, spans_batch):
+  groups, pixels, num_classes = x.shape
   log_norm = (jax.nn.logsumexp(x, axis=-1, keepdims=True) if from_logits
               else None)
   selected = np.asarray(selected)
   chunk = num_classes if chunk is None else min(chunk, num_classes)
   n, rest = divmod(num_classes, chunk)
-  rows = functools.partial(_chunk_rows, num_bins, x, lab, val, log_norm)
+  rows = functools.partial(_chunk_rows, num_bins, axis_name, spans_batch, x,
+                           lab, val, log_norm)
   if n == 1 and not rest:
     w, losses = rows(np.arange(num_classes), selected)
     return losses, (x, lab, log_norm, (w,))
@@ -267,7 +304,8 @@ def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins):
   cls = np.arange(n * chunk).reshape(n, chunk)
   w_chunks, l_chunks = lax.map(lambda a: rows(*a), (cls, selected[cls]))
   ws = (w_chunks,)                                         # [n, G, k, P]
-  losses = [jnp.moveaxis(l_chunks, 0, 1).reshape(x.shape[0], -1)]
+  # Sizes are explicit, so that empty batches and images reshape too.
+  losses = [jnp.moveaxis(l_chunks, 0, 1).reshape(groups, n * chunk)]
   if rest:
     w_rest, l_rest = rows(np.arange(n * chunk, num_classes),
                           selected[n * chunk:])
@@ -276,14 +314,16 @@ def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins):
   return jnp.concatenate(losses, axis=1), (x, lab, log_norm, ws)
 
 
-def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, residuals, ct):
-  del selected, from_logits, chunk, num_bins
+def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, axis_name,
+                      spans_batch, residuals, ct):
+  del selected, from_logits, chunk, num_bins, axis_name, spans_batch
   x, lab, log_norm, ws = residuals
-  num_classes = x.shape[-1]
+  groups, pixels, num_classes = x.shape
   parts = []
   for w in ws:
     if w.ndim == 4:  # [n, G, k, P] -> [G, n * k, P], read in place
-      w = jnp.moveaxis(w, 0, 1).reshape(x.shape[0], -1, x.shape[1])
+      n, _, k, _ = w.shape
+      w = jnp.moveaxis(w, 0, 1).reshape(groups, n * k, pixels)
     parts.append(w)
   w = jnp.swapaxes(jnp.concatenate(parts, axis=1), 1, 2)  # [G, P, C]
   fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
@@ -295,11 +335,12 @@ def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, residuals, ct):
   return d_x.astype(x.dtype), None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _softmax_row_losses(x, lab, val, selected, from_logits, chunk, num_bins):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _softmax_row_losses(x, lab, val, selected, from_logits, chunk, num_bins,
+                        axis_name, spans_batch):
   """Lovász extension of every (group, class) row: ``[G, P, C] -> [G, C]``."""
   return _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk,
-                           num_bins)[0]
+                           num_bins, axis_name, spans_batch)[0]
 
 
 _softmax_row_losses.defvjp(_softmax_rows_fwd, _softmax_rows_bwd)

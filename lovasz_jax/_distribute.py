@@ -1,0 +1,263 @@
+"""Where a row lives: the one module that knows about devices.
+
+A row (one class of one group) is ordered as a whole, but its pixels may be
+spread over devices: in batch mode a data-parallel batch splits every row
+over the batch's mesh axes. ``row_weights`` takes rows of keys wherever they
+are and returns each pixel's weight where the pixel is, and each row's loss:
+
+- rows whole on their device (``per_image``, or one device): the rows are
+  ordered (or counted) where they are; nothing crosses devices.
+- histogram mode, rows split: each device counts its own pixels into the
+  ``[rows, 2K + 1]`` slot histogram, one all-reduce sums the counts, and each
+  device weighs its own pixels from the global counts. That all-reduce (and
+  nothing else) crosses devices.
+- exact mode, rows split: an all-to-all gives each of the N devices whole
+  rows (rows are padded with void rows to a multiple of N), each orders its
+  rows, and a second all-to-all sends every pixel's weight back to its
+  device; the row losses are summed in an all-reduce of one scalar per row.
+  Per-device work and memory fall as 1/N when there are at least N rows.
+  With fewer rows than devices (binary or multi-label losses with few
+  channels), the rows land on as many devices as there are rows and the
+  other devices wait: memory per busy device is one whole row.
+
+Three ways of running on several devices reach the same code:
+
+- ``axis_name`` (inside ``shard_map``): the keys are the local blocks, and
+  the rows are split over the named mesh axes.
+- explicit sharding (``jax.make_mesh``'s default axis types): the keys'
+  type says how they are sharded, so the work is wrapped in a ``shard_map``
+  over the keys' mesh.
+- automatic sharding (or none): the partitioner decides shardings when it
+  compiles, so a ``custom_partitioning`` rule reads the keys' sharding then
+  and picks one of the cases above. On one device it is inlined.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.custom_batching
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lovasz_jax import _extension
+from lovasz_jax import _order
+from lovasz_jax import _sharding
+
+
+def axis_names(axis_name: Any) -> tuple[str, ...]:
+  """``axis_name`` (None, a name, or a tuple of names) as a tuple."""
+  if axis_name is None:
+    return ()
+  if isinstance(axis_name, (tuple, list)):
+    return tuple(axis_name)
+  return (axis_name,)
+
+
+def _axis_size(axes: tuple[str, ...]) -> int:
+  return math.prod(lax.axis_size(a) for a in axes)
+
+
+def _whole_rows(keys: jax.Array, num_bins: int) -> tuple[jax.Array, jax.Array]:
+  """Weights and losses of rows that are whole on this device."""
+  if not num_bins:
+    return _order.exact_weights(keys)
+  counts = _order.histogram_counts(keys, num_bins)
+  omega, losses = _extension.slot_weights(counts, num_bins,
+                                          _extension.float_dtype(keys))
+  return _order.slot_lookup(omega, keys), losses
+
+
+def _histogram_split(keys, num_bins, axes):
+  counts = lax.psum(_order.histogram_counts(keys, num_bins), axes)
+  omega, losses = _extension.slot_weights(counts, num_bins,
+                                          _extension.float_dtype(keys))
+  return _order.slot_lookup(omega, keys), losses
+
+
+def _exact_split(keys, axes):
+  n = _axis_size(axes)
+  lead, pixels = keys.shape[:-1], keys.shape[-1]
+  rows = math.prod(lead)
+  per = -(-rows // n)  # rows per device after the all-to-all
+  padded = jnp.pad(keys.reshape(rows, pixels), ((0, per * n - rows), (0, 0)))
+  whole = lax.all_to_all(padded, axes, 0, 1, tiled=True)   # [per, n * pixels]
+  w, losses = _order.exact_weights(whole)
+  w = lax.all_to_all(w, axes, 1, 0, tiled=True)             # [per * n, pixels]
+  # Each device holds the losses of its `per` rows; one all-reduce of a
+  # scalar per row gives every device all of them.
+  mine = lax.dynamic_update_slice(
+      jnp.zeros(per * n, losses.dtype), losses, (lax.axis_index(axes) * per,))
+  losses = lax.psum(mine, axes)
+  return w[:rows].reshape(keys.shape), losses[:rows].reshape(lead)
+
+
+def split_rows(keys: jax.Array, num_bins: int,
+               axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+  """Weights (local pixels) and losses (whole rows) of rows split over ``axes``.
+
+  Runs on the local blocks of the keys (inside ``shard_map`` or a
+  ``custom_partitioning`` rule); with no axes the rows are whole.
+  """
+  if not axes or _axis_size(axes) == 1:
+    return _whole_rows(keys, num_bins)
+  if num_bins:
+    return _histogram_split(keys, num_bins, axes)
+  return _exact_split(keys, axes)
+
+
+def _spec(sharding, ndim: int) -> tuple:
+  spec = tuple(getattr(sharding, "spec", ()))
+  return (spec + (None,) * ndim)[:ndim]
+
+
+@functools.cache
+def _native_partitioned(num_bins: int):
+  """The CPU kernel's rows, with a rule that tells XLA where they live.
+
+  XLA cannot partition a custom call by itself (it would gather every row to
+  every device), so a ``custom_partitioning`` rule reads the keys' sharding
+  when the program is compiled and runs ``split_rows`` over the mesh axes
+  that split the pixel axis. Only the CPU branch uses it: XLA's TPU backend
+  does not run these rules (jax-ml/jax#38196), and the portable path is
+  plain XLA operations that the partitioner handles itself.
+  """
+
+  def shardings(mesh, spec):
+    return (NamedSharding(mesh, P(*spec)), NamedSharding(mesh, P(*spec[:-1])))
+
+  def infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    return shardings(mesh, _spec(arg_shapes[0].sharding, arg_shapes[0].ndim))
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    spec = _spec(arg_shapes[0].sharding, arg_shapes[0].ndim)
+    lower = functools.partial(split_rows, num_bins=num_bins,
+                              axes=axis_names(spec[-1]))
+    return (mesh, lower, shardings(mesh, spec),
+            (NamedSharding(mesh, P(*spec)),))
+
+  def whole(keys):
+    return _whole_rows(keys, num_bins)
+
+  partitioned = custom_partitioning(whole)
+  partitioned.def_partition(
+      infer_sharding_from_operands=infer, partition=partition,
+      sharding_rule="... p -> ... p, ...")
+
+  # custom_partitioning has no batching rule; under vmap the mapped axis is
+  # one more leading axis of rows.
+  @jax.custom_batching.custom_vmap
+  def batchable(keys):
+    return partitioned(keys)
+
+  @batchable.def_vmap
+  def _(axis_size, in_batched, keys):
+    del axis_size
+    return batchable(keys), (in_batched[0], in_batched[0])
+
+  return batchable
+
+
+def _by_partitioner(keys: jax.Array,
+                    num_bins: int) -> tuple[jax.Array, jax.Array]:
+  """Rows whose layout the partitioner decides (automatic sharding, or none).
+
+  Whole rows sharded over their leading axes stay where they are: the
+  portable path's sorts run along the pixel axis and its scatters and
+  gathers have batching dimensions, which XLA partitions along the rows. In
+  histogram mode a row split over devices is counted where its pixels are
+  (XLA partitions the scatter-add into local counts and one all-reduce). An
+  exact row split over devices is gathered by the partitioner; with a mesh
+  in context (``jax.set_mesh``) ``row_weights`` avoids that.
+  """
+  if _order.native_ok():
+    return lax.platform_dependent(
+        keys, cpu=_native_partitioned(num_bins),
+        default=functools.partial(_whole_rows, num_bins=num_bins))
+  return _whole_rows(keys, num_bins)
+
+
+def _context_axes() -> tuple[Any, tuple[str, ...]]:
+  """The mesh set with ``jax.set_mesh`` (if any) and its automatic axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return None, ()
+  auto = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+               if kind == jax.sharding.AxisType.Auto)
+  return mesh, auto
+
+
+def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
+                spans_batch: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Each pixel's Lovász weight (where the pixel is) and each row's loss.
+
+  Args:
+    keys: ``encode_keys`` keys (``num_bins == 0``, exact) or ``encode_bins``
+      keys (histogram mode) ``[..., P]``.
+    num_bins: 0, or the number of bins of ``encode_bins``.
+    axis_name: inside ``shard_map``, the mesh axes over which each row's
+      pixels are split (the keys are the local block); None otherwise.
+    spans_batch: whether the pixel axis holds several images (batch mode),
+      so that a data-parallel batch splits every row over devices.
+
+  Returns:
+    The weights ``[..., P]`` (0 at void pixels) and the row losses ``[...]``
+    (of whole rows; with ``axis_name``, the same on every device).
+  """
+  axes = axis_names(axis_name)
+  if axes:
+    return split_rows(keys, num_bins, axes)
+  spec = _sharding.spec_of(keys)
+  if any(spec):  # explicit sharding: the mesh and layout are in the type
+    mesh = jax.typeof(keys).sharding.mesh
+  else:
+    mesh, auto = _context_axes()
+    if not (spans_batch and auto):
+      return _by_partitioner(keys, num_bins)
+    # Batch-mode rows under automatic sharding, with a mesh in context: split
+    # the pixels over the mesh's automatic axes (a local slice of a batch
+    # sharded over them), and handle the split rows as inside shard_map.
+    spec = (None,) * (keys.ndim - 1) + (auto,)
+  used = frozenset(a for entry in spec for a in axis_names(entry))
+  fn = functools.partial(split_rows, num_bins=num_bins,
+                         axes=axis_names(spec[-1]))
+  return jax.shard_map(
+      fn, mesh=mesh, in_specs=P(*spec),
+      out_specs=(P(*spec), P(*spec[:-1])), axis_names=used)(keys)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def row_losses(errors: jax.Array, fg: jax.Array, valid: jax.Array,
+               num_bins: int = 0, axis_name: Any = None,
+               spans_batch: bool = False) -> jax.Array:
+  """Lovász extension of the Jaccard loss for each row ``[..., P] -> [...]``.
+
+  The derivative with respect to ``errors`` is each pixel's weight (0 at
+  void pixels): the extension is linear once the order is fixed, so nothing
+  is differentiated through the sort. With ``num_bins > 0`` the errors
+  (which must lie in [0, 1]) are quantised to that many bins first
+  (histogram mode, no sort; the value moves by at most ``1 / (2 num_bins)``).
+  With ``axis_name`` (inside ``shard_map``) each row's pixels are split over
+  those mesh axes; the losses are those of the whole rows.
+  """
+  keys = _extension.encode(errors, fg, valid, num_bins)
+  return row_weights(keys, num_bins, axis_name, spans_batch)[1]
+
+
+@row_losses.defjvp
+def _row_losses_jvp(num_bins, axis_name, spans_batch, primals, tangents):
+  errors, fg, valid = primals
+  keys = _extension.encode(errors, fg, valid, num_bins)
+  w, losses = row_weights(keys, num_bins, axis_name, spans_batch)
+  tangent = jnp.sum(tangents[0] * w, axis=-1)
+  if axis_name is not None:  # each device holds a part of every row
+    tangent = lax.psum(tangent, axis_name)
+  return losses, tangent
