@@ -246,7 +246,8 @@ def lovasz_grad(fg_sorted: jax.typing.ArrayLike) -> jax.Array:
         "lovasz_grad needs at least one axis (the sorted pixels, last), got a "
         f"0-d input {fg_sorted!r}.")
   if not (fg_sorted.dtype == jnp.bool_
-          or jnp.issubdtype(fg_sorted.dtype, jnp.number)):
+          or jnp.issubdtype(fg_sorted.dtype, jnp.integer)
+          or jnp.issubdtype(fg_sorted.dtype, jnp.floating)):
     raise TypeError(
         f"lovasz_grad takes 0/1 or boolean indicators, got dtype {fg_sorted.dtype}.")
   dtype = jnp.promote_types(

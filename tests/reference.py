@@ -89,14 +89,13 @@ def lovasz_softmax(logits, labels, *, axis=-1, classes="present",
     if not counted:
       continue
     wsum = sum(cw[c] for c in counted)
+    if wsum == 0:  # no counted class has weight: the group does not count
+      continue
     g_grad = np.zeros_like(p_g)
-    if wsum == 0:
-      group_losses.append(0.0)
-    else:
-      group_losses.append(sum(cw[c] * l for c, l in zip(counted, losses)) / wsum)
-      idx = np.flatnonzero(val_g)
-      for c, d_p in zip(counted, grads):
-        g_grad[idx, c] += cw[c] / wsum * d_p
+    group_losses.append(sum(cw[c] * l for c, l in zip(counted, losses)) / wsum)
+    idx = np.flatnonzero(val_g)
+    for c, d_p in zip(counted, grads):
+      g_grad[idx, c] += cw[c] / wsum * d_p
     full = np.zeros_like(probs)
     full[sl] = g_grad.reshape(probs[sl].shape)
     group_grads.append(full)

@@ -312,6 +312,8 @@ def test_jit_with_traced_labels_and_where_compiles_once(kind):
   rng = np.random.default_rng(3)
   chex.clear_trace_counter()
 
+  chex.clear_trace_counter()
+
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(logits, labels, where):

@@ -65,48 +65,17 @@ def test_keys_order_errors_then_foreground():
   np.testing.assert_array_equal(order, [4, 2, 0, 1, 3, 5])
 
 
-@pytest.mark.skipif(not _cpu.available(), reason="native CPU kernel not built")
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_native_and_portable_kernels_agree(dtype):
-  with jax.enable_x64(dtype == np.float64):
-    rng = np.random.default_rng(1)
-    shape = (3, 5, 1000)
-    errors = jnp.asarray(rng.permutation(np.prod(shape)).reshape(shape) / 5e3,
-                         dtype)  # distinct errors: one valid order
-    fg = jnp.asarray(rng.random(shape) < 0.2)
-    valid = jnp.asarray(rng.random(shape) < 0.9).at[0, 0].set(False)
-    keys = _extension.encode_keys(errors, fg, valid)
-    native, native_loss = jax.jit(_cpu.weights_and_losses)(keys)
-    portable, portable_loss = jax.jit(_extension._weights_and_losses_xla)(keys)
-    native = np.asarray(native)
-    assert native.dtype == portable.dtype == native_loss.dtype == dtype
-    rtol = 1e-6 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(native, portable, rtol=rtol)
-    np.testing.assert_allclose(native_loss, portable_loss, rtol=rtol)
-    assert native_loss.shape == (3, 5) and native_loss[0, 0] == 0
-    assert not native[0, 0].any()
-    # And both match Alg. 1 row by row.
-    for i in np.ndindex(3, 5):
-      v = np.asarray(valid[i])
-      e, f = np.asarray(errors[i], np.float64)[v], np.asarray(fg[i])[v]
-      ref_loss, ref_grad = reference.extension(e, f)
-      np.testing.assert_allclose(native[i][v], ref_grad, rtol=1e-5, atol=1e-9)
-      np.testing.assert_allclose(native_loss[i], ref_loss, rtol=1e-6)
-      assert not native[i][~v].any()
+def test_prefix_counts_equal_cumsum():
+  rng = np.random.default_rng(4)
+  for shape in [(1,), (31,), (32,), (33,), (3, 2, 1000), (2, 64)]:
+    flags = rng.random(shape) < 0.4
+    got = np.asarray(jax.jit(_extension.prefix_counts)(flags))
+    np.testing.assert_array_equal(got, np.cumsum(flags, axis=-1))
+    assert got.dtype == np.int32
 
 
-@pytest.mark.skipif(not _cpu.available(), reason="native CPU kernel not built")
-def test_native_kernel_under_vmap():
-  rng = np.random.default_rng(2)
-  errors = jnp.asarray(rng.random((4, 3, 50)), jnp.float32)
-  fg = jnp.asarray(rng.random((4, 3, 50)) < 0.3)
-  valid = jnp.ones((4, 3, 50), bool)
-  direct = _extension.row_losses(errors, fg, valid)
-  mapped = jax.vmap(_extension.row_losses)(errors, fg, valid)
-  np.testing.assert_allclose(direct, mapped, rtol=1e-6)
-
-
-def test_empty_rows():
-  out = _extension.row_losses(jnp.zeros((2, 0)), jnp.zeros((2, 0), bool),
-                              jnp.zeros((2, 0), bool))
-  np.testing.assert_array_equal(out, [0.0, 0.0])
+def test_lovasz_grad_rejects_0d_input():
+  with pytest.raises(ValueError, match=r"lovasz_grad needs at least one axis"):
+    lovasz_jax.lovasz_grad(np.float32(1.0))
+  with pytest.raises(TypeError, match=r"lovasz_grad takes 0/1 or boolean"):
+    lovasz_jax.lovasz_grad(np.array([1 + 1j, 0j]))

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lovasz_jax
-from lovasz_jax import _cpu, _extension
 from tests import reference
+
+pytestmark = pytest.mark.usefixtures("path")
 
 
 def _quantised_reference(logits, labels, num_bins, **kwargs):
@@ -99,22 +100,64 @@ def test_all_void_jit_and_vmap():
     np.testing.assert_allclose(grads[i], g, atol=1e-7)
 
 
-@pytest.mark.skipif(not _cpu.available(), reason="native CPU kernel not built")
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_native_and_portable_histograms_agree(dtype):
-  with jax.enable_x64(dtype == np.float64):
-    rng = np.random.default_rng(4)
-    shape = (2, 3, 500)
-    errors = jnp.asarray(rng.random(shape), dtype)
-    fg = jnp.asarray(rng.random(shape) < 0.3)
-    valid = jnp.asarray(rng.random(shape) < 0.9).at[1, 2].set(False)
-    keys = _extension.encode_bins(errors, fg, valid, 50)
-    native = jax.jit(functools.partial(_cpu.weights_and_losses, num_bins=50))(keys)
-    portable = jax.jit(functools.partial(_extension._histogram_xla, num_bins=50))(keys)
-    for a, b in zip(native, portable):
-      assert a.dtype == b.dtype == dtype
-      np.testing.assert_allclose(a, b, rtol=1e-6 if dtype == np.float32 else 1e-12)
-    assert native[1][1, 2] == 0 and not np.any(native[0][1, 2])
+@pytest.mark.parametrize("num_bins", [4, 4096])
+def test_rows_without_foreground_with_several_pixels_in_the_top_bin(num_bins):
+  # An absent class counted with classes="all": its row has no foreground,
+  # and several background pixels share the top bin. The row's loss is its
+  # largest quantised error (the first background pixel weighs 1).
+  probs = np.zeros((1, 6, 3), np.float32)
+  probs[..., 0] = 1.0
+  probs[0, :4] = [0.0, 0.0, 1.0]   # class 2 is absent from the labels
+  probs[0, 4:] = [0.0, 1.0, 0.0]
+  labels = np.array([[0, 0, 0, 0, 1, 1]])
+  kwargs = dict(classes="all", from_logits=False)
+  hist = lovasz_jax.lovasz_softmax(probs, labels, method="histogram", num_bins=num_bins,
+                                   **kwargs)
+  centres = np.clip(np.floor(np.abs((labels[..., None] == np.arange(3)) - probs)
+                             * num_bins), 0, num_bins - 1)
+  q = (centres + 0.5) / num_bins
+  ref = reference.lovasz_softmax(np.where(labels[..., None] == np.arange(3), 1 - q, q),
+                                 labels, from_logits=False, classes="all")[0]
+  np.testing.assert_allclose(hist, ref, atol=1e-6)
+  exact = lovasz_jax.lovasz_softmax(probs, labels, **kwargs)
+  assert abs(float(hist) - float(exact)) <= 0.5 / num_bins + 1e-6
+
+
+def test_sigmoid_image_without_foreground_in_histogram_mode():
+  # per_image: image 1 has no foreground, and all its errors are in the top
+  # bin; its loss is its largest quantised error.
+  x = np.full((2, 8), 6.0, np.float32)
+  labels = np.zeros((2, 8), np.int32)
+  labels[0, :3] = 1
+  for num_bins in (4, 64):
+    hist = lovasz_jax.lovasz_sigmoid(x, labels, per_image=True, method="histogram",
+                                     num_bins=num_bins)
+    exact = lovasz_jax.lovasz_sigmoid(x, labels, per_image=True)
+    assert abs(float(hist) - float(exact)) <= 0.5 / num_bins + 1e-6
+    e = 1 / (1 + np.exp(-6.0))
+    top = (min(np.floor(e * num_bins), num_bins - 1) + 0.5) / num_bins
+    # image 0: 3 foreground pixels with error 1 - e (bottom bin), 5
+    # background pixels with error e; image 1: 8 background pixels.
+    q0 = reference.extension(
+        np.array([(np.floor((1 - e) * num_bins) + 0.5) / num_bins] * 3 + [top] * 5),
+        np.array([1.0] * 3 + [0.0] * 5))[0]
+    np.testing.assert_allclose(hist, (q0 + top) / 2, atol=1e-6)
+
+
+def test_errors_of_exactly_one_fall_in_the_top_bin():
+  # One-hot probabilities that are wrong: foreground errors of exactly 1.0,
+  # on the edge of the top bin, which is [1 - 1/K, 1].
+  labels = np.array([[0, 0, 1, 1, 1]])
+  pred = np.array([[1, 0, 0, 1, 1]])
+  probs = np.eye(2, dtype=np.float32)[pred]
+  for num_bins in (1, 8, 4096):
+    hist = lovasz_jax.lovasz_softmax(probs, labels, from_logits=False, method="histogram",
+                                     num_bins=num_bins)
+    top, bottom = (num_bins - 0.5) / num_bins, 0.5 / num_bins
+    fg = labels[..., None] == np.arange(2)
+    q = np.where(np.eye(2, dtype=bool)[pred] == fg, bottom, top)
+    ref = reference.lovasz_softmax(np.where(fg, 1 - q, q), labels, from_logits=False)[0]
+    np.testing.assert_allclose(hist, ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, pattern", [

@@ -1,0 +1,163 @@
+"""Every implementation of the row kernels against Alg. 1 and each other.
+
+The native CPU kernel and the portable XLA path (its default "sort2" and the
+"scatter" and "packed" variants the accelerator benchmark can time) must give
+the same weights, bit for bit where the order is fixed, including at ties.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lovasz_jax import _cpu, _distribute, _extension, _order
+from tests import reference
+
+ALL_PATHS = [p for p in _order.PATHS if p != "native" or _cpu.available()]
+
+
+def _exact(path, keys):
+  with _order.use_path(path):
+    return jax.jit(_order.exact_weights)(keys)
+
+
+def _histogram(path, keys, num_bins):
+  with _order.use_path(path):
+    return jax.jit(functools.partial(_distribute.row_weights, num_bins=num_bins))(keys)
+
+
+def _distinct_problem(rng, shape, dtype):
+  errors = jnp.asarray(rng.permutation(np.prod(shape)).reshape(shape) / 5e3, dtype)
+  fg = jnp.asarray(rng.random(shape) < 0.2)
+  valid = jnp.asarray(rng.random(shape) < 0.9)
+  return errors, fg, valid
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_weights_match_alg1(path, dtype):
+  with jax.enable_x64(dtype == np.float64):
+    rng = np.random.default_rng(1)
+    shape = (3, 5, 1000)
+    errors, fg, valid = _distinct_problem(rng, shape, dtype)
+    valid = valid.at[0, 0].set(False)
+    keys = _extension.encode_keys(errors, fg, valid)
+    w, losses = _exact(path, keys)
+    assert w.dtype == losses.dtype == dtype
+    assert losses.shape == (3, 5) and losses[0, 0] == 0 and not np.any(w[0, 0])
+    for i in np.ndindex(3, 5):
+      v = np.asarray(valid[i])
+      e, f = np.asarray(errors[i], np.float64)[v], np.asarray(fg[i])[v]
+      ref_loss, ref_grad = reference.extension(e, f)
+      np.testing.assert_allclose(np.asarray(w[i])[v], ref_grad, rtol=1e-5, atol=1e-9)
+      np.testing.assert_allclose(losses[i], ref_loss, rtol=1e-6)
+      assert not np.asarray(w[i])[~v].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_path_gives_the_same_weights(dtype):
+  with jax.enable_x64(dtype == np.float64):
+    rng = np.random.default_rng(2)
+    errors, fg, valid = _distinct_problem(rng, (2, 3, 777), dtype)
+    keys = _extension.encode_keys(errors, fg, valid)
+    results = {p: _exact(p, keys) for p in ALL_PATHS}
+    first = results[ALL_PATHS[0]]
+    for p, (w, losses) in results.items():
+      np.testing.assert_allclose(w, first[0], rtol=3e-7, atol=0, err_msg=p)
+      np.testing.assert_allclose(losses, first[1], rtol=1e-6, err_msg=p)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_ties_put_foreground_first_then_pixel_order(path):
+  # Two classes with zero logits: every error is 0.5, foreground and
+  # background tied. Both paths must break ties the same way: foreground
+  # first, then by pixel index.
+  rng = np.random.default_rng(3)
+  n = 300
+  fg = rng.random((2, n)) < 0.4
+  errors = jnp.full((2, n), 0.5, jnp.float32)
+  keys = _extension.encode_keys(errors, jnp.asarray(fg), jnp.ones((2, n), bool))
+  w, _ = _exact(path, keys)
+  for r in range(2):
+    order = np.concatenate([np.flatnonzero(fg[r]), np.flatnonzero(~fg[r])])
+    expect = np.empty(n)
+    expect[order] = reference.alg1_weights(fg[r][order])
+    np.testing.assert_allclose(np.asarray(w[r]), expect, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(not _cpu.available(), reason="native CPU kernel not built")
+def test_native_kernel_threaded_branch_matches_portable():
+  # rows x pixels >= 2**16 sends the native kernel to its multi-threaded
+  # branch; with 6 rows each thread gets rows of its own.
+  rng = np.random.default_rng(4)
+  errors, fg, valid = _distinct_problem(rng, (6, 12000), np.float32)
+  keys = _extension.encode_keys(errors, fg, valid)
+  assert keys.size >= 2**16
+  native = _exact("native", keys)
+  portable = _exact("sort2", keys)
+  # The native kernel computes weights in double and rounds once; the
+  # portable path computes them in float32: within an ulp or two.
+  np.testing.assert_allclose(native[0], portable[0], rtol=3e-7, atol=0)
+  np.testing.assert_allclose(native[1], portable[1], rtol=1e-6)
+  counts = _histogram("native", _extension.encode_bins(errors / 2.4e4, fg, valid, 64), 64)
+  counts_portable = _histogram("sort2", _extension.encode_bins(errors / 2.4e4, fg, valid,
+                                                               64), 64)
+  np.testing.assert_allclose(counts[0], counts_portable[0], rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("shape", [(7,), (4, 9), (2, 3, 11), (2, 2, 2, 5)])
+def test_any_number_of_leading_axes(path, shape):
+  rng = np.random.default_rng(5)
+  errors, fg, valid = _distinct_problem(rng, shape, np.float32)
+  keys = _extension.encode_keys(errors, fg, valid)
+  w, losses = _exact(path, keys)
+  assert w.shape == shape and losses.shape == shape[:-1]
+  flat_w, flat_l = _exact(path, keys.reshape(-1, shape[-1]))
+  np.testing.assert_allclose(w.reshape(-1, shape[-1]), flat_w, rtol=3e-7, atol=0)
+  np.testing.assert_allclose(losses.reshape(-1), flat_l, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_histogram_paths_agree(path, dtype):
+  with jax.enable_x64(dtype == np.float64):
+    rng = np.random.default_rng(6)
+    shape = (2, 3, 500)
+    errors = jnp.asarray(rng.random(shape), dtype)
+    fg = jnp.asarray(rng.random(shape) < 0.3)
+    valid = jnp.asarray(rng.random(shape) < 0.9).at[1, 2].set(False)
+    keys = _extension.encode_bins(errors, fg, valid, 50)
+    w, losses = _histogram(path, keys, 50)
+    ref_w, ref_losses = _histogram(ALL_PATHS[0], keys, 50)
+    assert w.dtype == losses.dtype == dtype
+    np.testing.assert_allclose(w, ref_w, rtol=3e-7 if dtype == np.float32 else 1e-15,
+                               atol=0)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    assert losses[1, 2] == 0 and not np.any(w[1, 2])
+    # The counts themselves.
+    with _order.use_path(path):
+      counts = np.asarray(jax.jit(functools.partial(_order.histogram_counts,
+                                                    num_bins=50))(keys))
+    k = np.asarray(keys)
+    for i in np.ndindex(2, 3):
+      np.testing.assert_array_equal(counts[i], np.bincount(k[i], minlength=101))
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_empty_rows(path):
+  keys = jnp.zeros((2, 0), jnp.uint32)
+  w, losses = _exact(path, keys)
+  assert w.shape == (2, 0)
+  np.testing.assert_array_equal(losses, [0.0, 0.0])
+  w, losses = _histogram(path, keys, 8)
+  assert w.shape == (2, 0)
+  np.testing.assert_array_equal(losses, [0.0, 0.0])
+
+
+def test_use_path_rejects_unknown_paths():
+  with pytest.raises(ValueError, match="path must be one of"):
+    with _order.use_path("fast"):
+      pass
