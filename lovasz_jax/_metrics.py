@@ -4,6 +4,12 @@ The confusion matrix is built with static shapes (a masked scatter-add of
 integer counts), so it compiles once under ``jax.jit`` and can be summed over
 batches. IoU and mean IoU are computed from the summed matrix, which gives the
 dataset-level scores (not a mean of per-batch scores).
+
+Counts of a whole data set can pass 2**31 - 1, which int32 (the default JAX
+integer) cannot hold: accumulate them in NumPy int64 on the host (or in int64
+on device with x64 enabled). Given concrete counts, :func:`iou_per_class` and
+:func:`mean_iou` compute on the host in float64 from the counts as given, so
+no count is truncated to int32.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ import numpy as np
 
 from lovasz_jax import _inputs
 
+# The int32 counts and flat indices of confusion_matrix hold at most this.
+_INT32_MAX = 2**31 - 1
+# The largest C with C * C (the flat index of the dropped pixels) <= _INT32_MAX.
+_MAX_CLASSES = 46340
+
 
 def _check_num_classes(num_classes: Any) -> int:
   if isinstance(num_classes, jax.core.Tracer):
@@ -25,18 +36,31 @@ def _check_num_classes(num_classes: Any) -> int:
         "static in jax.jit (static_argnames=('num_classes',)).")
   if isinstance(num_classes, (bool, np.bool_)):
     raise TypeError(f"num_classes must be a positive int, got {num_classes!r}.")
-  return _inputs.check_positive_int(num_classes, "num_classes")
+  num_classes = _inputs.check_positive_int(num_classes, "num_classes")
+  if num_classes > _MAX_CLASSES:
+    raise ValueError(
+        f"num_classes must be at most {_MAX_CLASSES} (C * C int32 matrix "
+        f"entries), got {num_classes}.")
+  return num_classes
 
 
-def _check_ranges(predictions: jax.Array, labels: jax.Array,
-                  where: jax.Array | None, num_classes: int,
-                  ignore_index: int | None) -> None:
-  """Raises ValueError for valid pixels with ids outside [0, C), if concrete.
+def _as_ids(x: jax.typing.ArrayLike, name: str, hint: str) -> jax.Array:
+  """``x`` as a JAX integer (or bool) array; TypeError naming ``name``."""
+  x = jnp.asarray(x)
+  if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_):
+    raise TypeError(
+        f"{name} must be an integer array, got dtype {x.dtype}. {hint}")
+  return x
 
-  Under a trace this check cannot run; such pixels are then not counted.
+
+def _check_ranges(predictions: Any, labels: Any, where: jax.Array | None,
+                  num_classes: int, ignore_index: int | None) -> None:
+  """Raises ValueError for valid pixels with ids outside [0, C).
+
+  Called only on concrete ids, as passed by the caller (before JAX turns
+  64-bit ids into int32, which would wrap 2**32 to 0). Under a trace this
+  check cannot run; such pixels are then not counted.
   """
-  if not _inputs.is_concrete(predictions, labels, where):
-    return
   _inputs.check_label_range(labels, 0, num_classes, ignore_index, where,
                             f"num_classes={num_classes}")
   # NumPy only: inside a trace, jnp ops on constants would give tracers.
@@ -88,6 +112,23 @@ def confusion_matrix(
     where: optional boolean mask of the predictions' shape; pixels where it is
       false are not counted. Combines with ``ignore_index``.
 
+  Counts: the matrix is int32, exact up to 2**31 - 1 per entry. One call
+  cannot pass that: it raises ``ValueError`` for inputs of 2**31 pixels or
+  more (split the batch), and for ``num_classes`` above 46340. A sum of
+  matrices can: summed in int32 (as JAX does by default), an entry past
+  2**31 - 1 wraps to negative counts, about 2,000 images of 1024x1024 pixels
+  for one class. To score a whole data set, accumulate on the host in NumPy
+  int64::
+
+    total = np.zeros((C, C), np.int64)
+    for preds, labels in batches:
+      total += np.asarray(confusion_matrix(preds, labels, C))
+    miou = mean_iou(total)
+
+  (one device-to-host copy of ``C * C`` ints per batch), or on device in
+  int64 with x64 enabled. :func:`iou_per_class` and :func:`mean_iou` read
+  int64 counts without truncating them, and reject negative counts.
+
   Returns:
     An int32 ``[C, C]`` array of counts (exact up to 2**31 - 1 per entry).
 
@@ -98,17 +139,28 @@ def confusion_matrix(
     >>> lovasz_jax.confusion_matrix(preds, labels, 2, ignore_index=255).tolist()
     [[1, 1], [0, 2]]
   """
-  predictions = _inputs.as_int(predictions, "predictions")
-  labels = _inputs.as_int(labels, "labels")
+  raw_predictions, raw_labels = predictions, labels
+  predictions = _as_ids(
+      predictions, "predictions",
+      "Pass class ids, e.g. jnp.argmax(logits, axis=-1).")
+  labels = _as_ids(labels, "labels",
+                   "Cast them with labels.astype(jnp.int32).")
   num_classes = _check_num_classes(num_classes)
   if predictions.shape != labels.shape:
     raise ValueError(
         f"predictions and labels must have the same shape, got predictions "
         f"{predictions.shape} and labels {labels.shape}. Pass class ids "
         "(jnp.argmax(logits, axis=-1)), not logits.")
+  if labels.size > _INT32_MAX:
+    raise ValueError(
+        f"confusion_matrix counts at most 2**31 - 1 pixels per call (int32 "
+        f"counts), got {labels.size}. Split the batch and add the matrices in "
+        "NumPy int64.")
   ignore_index = _inputs.check_ignore_index(ignore_index)
   where = _inputs.check_where(where, labels.shape, "labels")
-  _check_ranges(predictions, labels, where, num_classes, ignore_index)
+  if _inputs.is_concrete(predictions, labels, where):
+    _check_ranges(np.asarray(raw_predictions), np.asarray(raw_labels), where,
+                  num_classes, ignore_index)
   return _confusion_impl(predictions, labels, where, num_classes=num_classes,
                          ignore_index=ignore_index)
 
@@ -131,18 +183,75 @@ def _confusion_impl(predictions, labels, where, *, num_classes, ignore_index):
   return counts.reshape(num_classes, num_classes)
 
 
-def _check_confusion(confusion: jax.typing.ArrayLike) -> jax.Array:
-  confusion = jnp.asarray(confusion)
-  if not (jnp.issubdtype(confusion.dtype, jnp.integer)
-          or jnp.issubdtype(confusion.dtype, jnp.floating)):
-    raise TypeError(
-        f"confusion must be a numeric array, got dtype {confusion.dtype}.")
+def _as_confusion(confusion: jax.typing.ArrayLike) -> np.ndarray | jax.Array:
+  """Validates ``confusion``: a NumPy array if concrete, else a traced array.
+
+  Concrete counts go to NumPy as they are (int64 stays int64), never through
+  ``jnp.asarray``, which would truncate them to int32 without x64.
+  """
+  if not isinstance(confusion, jax.Array | np.ndarray) and any(
+      isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(confusion)):
+    confusion = jnp.asarray(confusion)  # e.g. a list of traced scalars
+  if not isinstance(confusion, jax.core.Tracer):
+    confusion = np.asarray(confusion)
+  dtype = confusion.dtype
+  if not (jnp.issubdtype(dtype, jnp.integer)
+          or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"confusion must be a numeric array, got dtype {dtype}.")
   if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
     raise ValueError(
         f"confusion must be a square [C, C] matrix, got shape {confusion.shape}.")
   if confusion.shape[0] == 0:
     raise ValueError("confusion must have at least one class, got shape (0, 0).")
   return confusion
+
+
+def _result_dtype(dtype: Any) -> np.dtype:
+  """float64 for 64-bit counts when x64 is enabled, else float32.
+
+  The same dtype for a concrete call and for a traced one (a traced 64-bit
+  array exists only with x64 enabled).
+  """
+  if np.dtype(dtype).itemsize == 8:
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+  return np.dtype(np.float32)
+
+
+def _entries(counts: np.ndarray, bad: np.ndarray) -> str:
+  found = np.argwhere(bad)
+  shown = ", ".join(f"confusion[{i}, {j}] = {counts[i, j]}"
+                    for i, j in found[:5])
+  more = "" if len(found) <= 5 else f" and {len(found) - 5} more"
+  return shown + more
+
+
+def _host_iou(counts: np.ndarray) -> np.ndarray:
+  """Per-class IoU in float64 from concrete counts; ValueError on bad counts."""
+  cm = counts.astype(np.float64)
+  bad = ~np.isfinite(cm)
+  if bad.any():
+    raise ValueError(
+        f"confusion holds non-finite counts: {_entries(counts, bad)}. Counts "
+        "must be finite and >= 0.")
+  bad = cm < 0
+  if bad.any():
+    hint = ""
+    if jnp.issubdtype(counts.dtype, jnp.integer) and counts.dtype.itemsize <= 4:
+      hint = (f" A sum of {counts.dtype} matrices wraps to negative counts "
+              f"past {np.iinfo(counts.dtype).max}: accumulate them in NumPy "
+              "int64 (see lovasz_jax.confusion_matrix).")
+    raise ValueError(
+        f"confusion holds negative counts: {_entries(counts, bad)}. Counts "
+        f"must be >= 0.{hint}")
+  tp = np.diagonal(cm)
+  union = np.sum(cm, axis=0) + np.sum(cm, axis=1) - tp
+  ok = union > 0
+  return np.where(ok, tp / np.where(ok, union, 1), np.nan)
+
+
+def _host_mean(iou: np.ndarray) -> np.float64:
+  present = ~np.isnan(iou)
+  return np.mean(iou[present]) if present.any() else np.float64(0.0)
 
 
 def iou_per_class(confusion: jax.typing.ArrayLike) -> jax.Array:
@@ -156,33 +265,65 @@ def iou_per_class(confusion: jax.typing.ArrayLike) -> jax.Array:
   A class that is predicted but absent from the labels (or the reverse) has
   IoU 0.
 
+  Concrete counts (a NumPy array, a list, a jax.Array outside ``jax.jit``)
+  are read as they are, int64 included, and the IoU is computed on the host
+  in float64 (integer counts exact up to 2**53); only the result is rounded
+  to the returned dtype. Negative or non-finite counts raise ``ValueError``
+  naming the entries; negative ones often mean an int32 sum wrapped (see
+  :func:`confusion_matrix` for accumulating in int64).
+
+  Traced counts (under ``jax.jit``) are computed on device in float32, or in
+  float64 for 64-bit counts (which exist only with x64 enabled). float32
+  holds integers up to 2**24 exactly; beyond, each count is rounded with a
+  relative error of at most 2**-24 (about 6e-8), and the sums and the
+  division add errors of that order: the IoU is accurate to a few 1e-7
+  relative (3e-7 at worst measured with counts near 2**31). A class whose
+  row or column holds a negative or non-finite count gets NaN. The values
+  cannot be checked under a trace: a NumPy int64 matrix passed as an
+  argument of a jitted function is turned into int32 by JAX before this
+  function sees it (wrapping counts past 2**31 - 1), so pass whole-data-set
+  totals to this function outside ``jax.jit``.
+
   Args:
     confusion: ``[C, C]`` counts, rows true labels, columns predictions (as
       returned by :func:`confusion_matrix`, possibly summed over batches).
 
   Returns:
-    A float ``[C]`` array (float32; float64 for float64 input).
+    A float ``[C]`` jax.Array: float64 for 64-bit counts (int64, uint64,
+    float64) when x64 is enabled, else float32; the same for a concrete and
+    a traced call.
+
+  Raises:
+    ValueError: for concrete counts that are negative or not finite.
 
   Examples:
     >>> import jax.numpy as jnp, lovasz_jax
     >>> cm = jnp.array([[1, 1, 0], [0, 2, 0], [0, 0, 0]])
     >>> lovasz_jax.iou_per_class(cm).tolist()
     [0.5, 0.6666666865348816, nan]
+    >>> import numpy as np  # a data-set total in int64: nothing truncated
+    >>> total = np.array([[3_000_000_000, 0], [1_000_000, 1_000_000]])
+    >>> [round(x, 6) for x in lovasz_jax.iou_per_class(total).tolist()]
+    [0.999667, 0.5]
   """
-  confusion = _check_confusion(confusion)
-  return _iou_impl(confusion)
+  confusion = _as_confusion(confusion)
+  dtype = _result_dtype(confusion.dtype)
+  if isinstance(confusion, np.ndarray):
+    return jnp.asarray(_host_iou(confusion).astype(dtype))
+  return _iou_impl(confusion)[0]
 
 
 @jax.jit
 def _iou_impl(confusion):
-  dtype = _inputs.compute_dtype(
-      confusion.dtype if jnp.issubdtype(confusion.dtype, jnp.floating)
-      else jnp.float32)
-  cm = confusion.astype(dtype)
+  """Per-class IoU on device, and which classes have a bad count."""
+  cm = confusion.astype(_result_dtype(confusion.dtype))
+  bad = ~(jnp.isfinite(cm) & (cm >= 0))
+  bad_class = jnp.any(bad, axis=0) | jnp.any(bad, axis=1)
   tp = jnp.diagonal(cm)
   union = jnp.sum(cm, axis=0) + jnp.sum(cm, axis=1) - tp
-  ok = union > 0
-  return jnp.where(ok, tp / jnp.where(ok, union, 1), jnp.nan)
+  ok = (union > 0) & ~bad_class
+  iou = jnp.where(ok, tp / jnp.where(ok, union, 1), jnp.nan)
+  return iou, bad_class
 
 
 def mean_iou(confusion: jax.typing.ArrayLike) -> jax.Array:
@@ -193,11 +334,21 @@ def mean_iou(confusion: jax.typing.ArrayLike) -> jax.Array:
   left out of the mean, so they neither lower nor raise it. When no class has
   an IoU (an all-zero matrix: no pixel was counted) the result is 0.0.
 
+  Concrete and traced counts are handled as in :func:`iou_per_class`:
+  concrete counts are read without truncation and the mean is computed on
+  the host in float64; negative or non-finite ones raise ``ValueError``.
+  Under ``jax.jit``, a negative or non-finite count anywhere makes the
+  result NaN (its class is not silently left out of the mean).
+
   Args:
     confusion: ``[C, C]`` counts, rows true labels, columns predictions.
 
   Returns:
-    A float scalar (float32; float64 for float64 input).
+    A float scalar jax.Array, of the dtype :func:`iou_per_class` returns
+    (float32, or float64 for 64-bit counts with x64 enabled).
+
+  Raises:
+    ValueError: for concrete counts that are negative or not finite.
 
   Examples:
     >>> import jax.numpy as jnp, lovasz_jax
@@ -205,14 +356,18 @@ def mean_iou(confusion: jax.typing.ArrayLike) -> jax.Array:
     >>> round(float(lovasz_jax.mean_iou(cm)), 4)  # (1/2 + 2/3) / 2
     0.5833
   """
-  confusion = _check_confusion(confusion)
+  confusion = _as_confusion(confusion)
+  dtype = _result_dtype(confusion.dtype)
+  if isinstance(confusion, np.ndarray):
+    return jnp.asarray(_host_mean(_host_iou(confusion)).astype(dtype))
   return _mean_iou_impl(confusion)
 
 
 @jax.jit
 def _mean_iou_impl(confusion):
-  iou = _iou_impl(confusion)
+  iou, bad_class = _iou_impl(confusion)
   present = ~jnp.isnan(iou)
   total = jnp.sum(jnp.where(present, iou, 0))
   count = jnp.sum(present)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0).astype(iou.dtype)
+  mean = jnp.where(count > 0, total / jnp.maximum(count, 1), 0)
+  return jnp.where(jnp.any(bad_class), jnp.nan, mean).astype(iou.dtype)

@@ -1,5 +1,7 @@
 """confusion_matrix, iou_per_class and mean_iou against a NumPy reference."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,6 +278,8 @@ X = np.zeros((2, 4, 4), np.int32)
     (dict(num_classes=2.0), TypeError, r"num_classes must be a positive int, got 2.0"),
     (dict(num_classes=True), TypeError, r"num_classes must be a positive int, got True"),
     (dict(num_classes=None), TypeError, r"num_classes must be a positive int, got None"),
+    (dict(num_classes=46341), ValueError,
+     r"num_classes must be at most 46340 \(C \* C int32 matrix entries\), got 46341"),
     (dict(ignore_index=1.5), TypeError,
      r"ignore_index must be an int or None, got 1.5"),
     (dict(where=np.ones((2, 4, 4), np.int32)), TypeError,
@@ -314,3 +318,151 @@ def test_options_are_keyword_only():
 def test_iou_bad_inputs(fn, confusion, error, pattern):
   with pytest.raises(error, match=pattern):
     fn(confusion)
+
+
+def test_predictions_dtype_error_names_predictions():
+  with pytest.raises(TypeError) as info:
+    lovasz_jax.confusion_matrix(np.zeros(3, np.float32), np.zeros(3, np.int32), 2)
+  message = str(info.value)
+  assert re.fullmatch(r"predictions must be an integer array, got dtype float32\. "
+                      r"Pass class ids, e\.g\. jnp\.argmax\(logits, axis=-1\)\.",
+                      message), message
+
+
+def test_64_bit_ids_are_checked_before_jax_truncates_them():
+  # Without x64, JAX turns int64 ids into int32: 2**32 would count as class 0.
+  with pytest.raises(ValueError,
+                     match=r"labels hold values outside \[0, 2\).*: 4294967296"):
+    lovasz_jax.confusion_matrix(np.array([0, 1]), np.array([0, 2**32], np.int64), 2)
+  with pytest.raises(ValueError,
+                     match=r"predictions hold values outside \[0, 2\).*: 4294967297"):
+    lovasz_jax.confusion_matrix(np.array([0, 2**32 + 1], np.int64), np.array([0, 1]),
+                                2)
+
+
+def test_one_call_counts_at_most_int32_max_pixels():
+  # 2**31 pixels could overflow an int32 count. Traced by eval_shape, so
+  # nothing is allocated.
+  def shape_of(size):
+    ids = jax.ShapeDtypeStruct((size,), jnp.int8)
+    return jax.eval_shape(lambda p, l: lovasz_jax.confusion_matrix(p, l, 2), ids, ids)
+
+  assert shape_of(2**31 - 1).shape == (2, 2)
+  with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 pixels per call "
+                     r"\(int32 counts\), got 2147483648\. Split the batch"):
+    shape_of(2**31)
+
+
+# Whole-data-set totals, with counts past 2**31 - 1 (int32). Class 0 has 3e9
+# pixels: truncated to int32 it would be a negative count.
+BIG = np.array([[3_000_000_000, 20_000_000, 5_000_000],
+                [30_000_000, 400_000_000, 10_000_000],
+                [1_000_000, 2_000_000, 50_000_000]], np.int64)
+
+IOU_FNS = [lovasz_jax.iou_per_class, lovasz_jax.mean_iou]
+
+
+def test_int64_total_past_int32_is_not_truncated():
+  iou = lovasz_jax.iou_per_class(BIG)
+  assert isinstance(iou, jax.Array) and iou.dtype == jnp.float32
+  assert not np.isnan(np.asarray(iou)).any()
+  np.testing.assert_allclose(iou, ref_iou(BIG), rtol=1e-7)
+  miou = lovasz_jax.mean_iou(BIG)
+  assert isinstance(miou, jax.Array) and miou.dtype == jnp.float32
+  assert miou.shape == ()
+  np.testing.assert_allclose(miou, ref_mean_iou(BIG), rtol=1e-7)
+
+
+def test_large_counts_in_a_python_list():
+  np.testing.assert_allclose(lovasz_jax.iou_per_class(BIG.tolist()), ref_iou(BIG),
+                             rtol=1e-7)
+  np.testing.assert_allclose(lovasz_jax.mean_iou(BIG.tolist()), ref_mean_iou(BIG),
+                             rtol=1e-7)
+
+
+def test_float64_counts_are_rounded_once():
+  # IoU computed in float64, then rounded to float32: rounding the counts to
+  # float32 first would move class 1 by one ulp.
+  cm = np.array([[3e9 + 1, 40.0, 2.5],
+                 [17.0, 2**24 + 1.0, 3.0],
+                 [0.5, 9.0, 123456789.0]])
+  iou = lovasz_jax.iou_per_class(cm)
+  assert iou.dtype == jnp.float32
+  np.testing.assert_array_equal(iou, ref_iou(cm).astype(np.float32))
+  assert lovasz_jax.mean_iou(cm) == np.float32(ref_mean_iou(cm))
+
+
+def test_int64_counts_with_x64():
+  with jax.enable_x64(True):
+    cm = jnp.asarray(BIG)
+    assert cm.dtype == jnp.int64
+    for fn in (lovasz_jax.iou_per_class, jax.jit(lovasz_jax.iou_per_class)):
+      iou = fn(cm)
+      assert iou.dtype == jnp.float64
+      np.testing.assert_allclose(iou, ref_iou(BIG), rtol=1e-12)
+    for fn in (lovasz_jax.mean_iou, jax.jit(lovasz_jax.mean_iou)):
+      miou = fn(cm)
+      assert miou.dtype == jnp.float64
+      np.testing.assert_allclose(miou, ref_mean_iou(BIG), rtol=1e-12)
+    # int32 counts still give float32, concrete or traced.
+    small = cm // 1000
+    assert lovasz_jax.iou_per_class(small.astype(jnp.int32)).dtype == jnp.float32
+    assert jax.jit(lovasz_jax.mean_iou)(small.astype(jnp.int32)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("fn", IOU_FNS)
+def test_negative_counts_raise_naming_the_entries(fn):
+  cm = np.array([[5, -2, 0], [0, 3, 0], [-7, 0, 4]], np.int64)
+  with pytest.raises(ValueError, match=r"^confusion holds negative counts: "
+                     r"confusion\[0, 1\] = -2, confusion\[2, 0\] = -7\. "
+                     r"Counts must be >= 0\.$"):
+    fn(cm)
+  with pytest.raises(ValueError, match=r"negative counts: confusion\[1, 1\] = -0\.5\."):
+    fn(np.array([[1.0, 0.0], [0.0, -0.5]]))
+
+
+@pytest.mark.parametrize("fn", IOU_FNS)
+def test_wrapped_int32_sums_raise(fn):
+  # int32 matrices added on device wrap past 2**31 - 1 to negative counts.
+  batch = jnp.array([[2**30, 5], [7, 2**29]], jnp.int32)
+  total = batch + batch + batch
+  assert int(total[0, 0]) == 3 * 2**30 - 2**32
+  with pytest.raises(ValueError, match=r"negative counts: confusion\[0, 0\] = "
+                     r"-1073741824\..*A sum of int32 matrices wraps.*NumPy int64"):
+    fn(total)
+
+
+@pytest.mark.parametrize("fn", IOU_FNS)
+def test_non_finite_counts_raise(fn):
+  cm = np.array([[1.0, np.inf], [np.nan, 2.0]])
+  with pytest.raises(ValueError, match=r"non-finite counts: confusion\[0, 1\] = "
+                     r"inf, confusion\[1, 0\] = nan\. Counts must be finite"):
+    fn(cm)
+
+
+def test_traced_counts_under_jit():
+  # Under jit the counts cannot be checked: a class whose row or column holds
+  # a negative or non-finite count is NaN, and so is the mean (the class is
+  # not silently left out of it).
+  iou_fn = jax.jit(lovasz_jax.iou_per_class)
+  miou_fn = jax.jit(lovasz_jax.mean_iou)
+  cm = np.array([[5, -1, 0], [0, 3, 0], [0, 0, 4]], np.int32)
+  iou = np.asarray(iou_fn(cm))
+  assert np.isnan(iou[0]) and np.isnan(iou[1]) and iou[2] == 1.0
+  assert np.isnan(float(miou_fn(cm)))
+  cm = np.array([[1.0, 0.0, 0.0], [0.0, np.inf, 0.0], [0.0, 0.0, 2.0]], np.float32)
+  iou = np.asarray(iou_fn(cm))
+  assert np.isnan(iou[1]) and iou[0] == 1.0 and iou[2] == 1.0
+  assert np.isnan(float(miou_fn(cm)))
+  # An int64 NumPy total passed through a jit boundary is made int32 by JAX
+  # (without x64) before the metric sees it: the wrapped count gives NaN.
+  assert np.isnan(float(miou_fn(BIG)))
+  # Large int32 counts (past 2**24) are computed in float32, within a few
+  # 1e-7 relative.
+  cm = np.array([[2_000_000_000, 3, 40_000_000],
+                 [5, 2**24 + 1, 7],
+                 [60_000_000, 9, 1_500_000_000]], np.int32)
+  iou = iou_fn(cm)
+  assert iou.dtype == jnp.float32
+  np.testing.assert_allclose(iou, ref_iou(cm), rtol=1e-6)
+  np.testing.assert_allclose(miou_fn(cm), ref_mean_iou(cm), rtol=1e-6)
