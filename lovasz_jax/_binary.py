@@ -144,7 +144,8 @@ def _impl(logits, labels, where, *, errors, axis, classes, per_image,
   # the channels that take part. Void pixels take part in nothing.
   bad |= (_inputs.bad_probabilities(x, val) if errors == "probabilities"
           else _inputs.bad_logits(x, val))
-  x = jnp.where(val, x, 0)
+  nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
+  x = jnp.where(val, _inputs.nan_gradient_if(x, nan_if_bad), 0)
   fg = lab == 1
   # With axis_name, batch-mode rows are split over the devices; per_image
   # rows are whole, and only the mean over images crosses devices.
@@ -157,7 +158,7 @@ def _impl(logits, labels, where, *, errors, axis, classes, per_image,
     counted = global_any(val, rows_axis, axis=-1)
   loss = reduce_rows(losses, counted,
                      group_axis_name=axis_name if per_image else None)
-  return _inputs.poison(loss, bad, axis_name)
+  return loss * nan_if_bad
 
 
 def lovasz_sigmoid(

@@ -182,7 +182,7 @@ def check_axis_name(axis_name: Any) -> tuple[str, ...] | None:
 
 
 def _in_dtype(value: int, dtype) -> bool:
-  info = np.iinfo(dtype)
+  info = np.iinfo(np.int32 if dtype == jnp.bool_ else dtype)
   return info.min <= value <= info.max
 
 
@@ -201,6 +201,8 @@ def out_of_range(labels: jax.Array, low: int, high: int) -> jax.Array:
   No narrowing happens first, so int64 labels of 2**31 or more (with
   ``jax_enable_x64``) are out of range, not wrapped into a class.
   """
+  if labels.dtype == jnp.bool_:
+    labels = labels.astype(jnp.int32)
   bad = jnp.zeros(labels.shape, bool)
   info = np.iinfo(labels.dtype)
   if low > info.min:
@@ -329,17 +331,37 @@ def bad_class_weights(class_weights: jax.Array | None) -> jax.Array:
   return jnp.any(~jnp.isfinite(w) | (w < 0)) | jnp.all(w == 0)
 
 
-def poison(loss: jax.Array, bad: jax.Array, axis_name=None) -> jax.Array:
-  """``loss``, or NaN in value and gradient when ``bad``.
+def poison(bad: jax.Array, axis_name=None) -> jax.Array:
+  """1, or NaN when ``bad``: the factor that reports bad input.
 
-  Multiplying by NaN (rather than selecting NaN) makes every entry of the
-  gradient NaN too, so ``optax.apply_if_finite`` skips the step and NaN
-  monitors see it. With ``axis_name`` a bad input on any device poisons the
-  loss everywhere.
+  The losses multiply their value by it on the way out, and pass their
+  logits through ``nan_gradient_if`` with it on the way in. With
+  ``axis_name`` a bad input on any device poisons every device.
   """
   if axis_name is not None:
     bad = jax.lax.psum(bad.astype(jnp.int32), axis_name) > 0
-  return loss * jnp.where(bad, jnp.nan, 1).astype(loss.dtype)
+  return jnp.where(bad, jnp.nan, 1.0)
+
+
+@jax.custom_jvp
+def nan_gradient_if(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """``x``, whose derivative is multiplied by ``factor`` (1, or NaN).
+
+  Applied to the logits on the way in, this makes every entry of the
+  gradient NaN for bad input, since nothing after it can mask a NaN (a
+  select or a masked reduction after it could), so ``optax.apply_if_finite``
+  skips the step and NaN monitors see it. The value is ``x`` itself, so
+  nothing is computed or stored in the forward pass, and for good input the
+  factor is exactly 1.
+  """
+  del factor
+  return x
+
+
+@nan_gradient_if.defjvp
+def _nan_gradient_if_jvp(primals, tangents):
+  x, factor = primals
+  return x, tangents[0] * factor.astype(tangents[0].dtype)
 
 
 def check_row_length(pixels: int, what: str) -> None:

@@ -239,8 +239,9 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   bad |= (_inputs.bad_logits(x, valid[..., None]) if from_logits
           else _inputs.bad_probabilities(x, valid[..., None]))
   bad |= _inputs.bad_class_weights(class_weights)
+  nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
   labels = _inputs.narrow_labels(labels, valid, 0, num_classes)
-  x = jnp.where(valid[..., None], x, 0)
+  x = jnp.where(valid[..., None], _inputs.nan_gradient_if(x, nan_if_bad), 0)
   if isinstance(classes, str):
     selected = (True,) * num_classes
   else:
@@ -262,7 +263,7 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
                & np.asarray(selected)[None, :])
   loss = reduce_rows(losses, counted, class_weights,
                      axis_name if per_image else None)
-  return _inputs.poison(loss, bad, axis_name)
+  return loss * nan_if_bad
 
 
 # The softmax rows have a hand-written VJP so that the only large residual is
@@ -294,38 +295,40 @@ def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins,
               else None)
   selected = np.asarray(selected)
   chunk = num_classes if chunk is None else min(chunk, num_classes)
-  n, rest = divmod(num_classes, chunk)
   rows = functools.partial(_chunk_rows, num_bins, axis_name, spans_batch, x,
                            lab, val, log_norm)
-  if n == 1 and not rest:
+  if chunk == num_classes:
     w, losses = rows(np.arange(num_classes), selected)
-    return losses, (x, lab, log_norm, (w,))
-  # n chunks of `chunk` classes under lax.map, then the remaining classes.
-  cls = np.arange(n * chunk).reshape(n, chunk)
-  w_chunks, l_chunks = lax.map(lambda a: rows(*a), (cls, selected[cls]))
-  ws = (w_chunks,)                                         # [n, G, k, P]
-  # Sizes are explicit, so that empty batches and images reshape too.
-  losses = [jnp.moveaxis(l_chunks, 0, 1).reshape(groups, n * chunk)]
-  if rest:
-    w_rest, l_rest = rows(np.arange(n * chunk, num_classes),
-                          selected[n * chunk:])
-    ws += (w_rest,)
-    losses.append(l_rest)
-  return jnp.concatenate(losses, axis=1), (x, lab, log_norm, ws)
+    return losses, (x, lab, log_norm, w)
+  # Chunks of `chunk` classes, one after another (lax.scan), each writing its
+  # rows into one [G, C, P] weight array; the last chunk ends at the last
+  # class (it overlaps the one before when `chunk` does not divide C, and
+  # writes the same values there). The array has the gradient's size, so
+  # XLA can place it in the gradient's buffer.
+  starts = np.minimum(np.arange(0, num_classes, chunk), num_classes - chunk)
+  cls = starts[:, None] + np.arange(chunk)[None, :]
+
+  def step(carry, a):
+    w_all, l_all = carry
+    start, ids, row_valid = a
+    w, losses = rows(ids, row_valid)
+    w_all = lax.dynamic_update_slice_in_dim(w_all, w.astype(w_all.dtype), start, 1)
+    l_all = lax.dynamic_update_slice_in_dim(l_all, losses, start, 1)
+    return (w_all, l_all), None
+
+  dtype = x.dtype
+  init = (jnp.zeros((groups, num_classes, pixels), dtype),
+          jnp.zeros((groups, num_classes), dtype))
+  (w, losses), _ = lax.scan(step, init, (starts, cls, selected[cls]))
+  return losses, (x, lab, log_norm, w)
 
 
 def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, axis_name,
                       spans_batch, residuals, ct):
   del selected, from_logits, chunk, num_bins, axis_name, spans_batch
-  x, lab, log_norm, ws = residuals
-  groups, pixels, num_classes = x.shape
-  parts = []
-  for w in ws:
-    if w.ndim == 4:  # [n, G, k, P] -> [G, n * k, P], read in place
-      n, _, k, _ = w.shape
-      w = jnp.moveaxis(w, 0, 1).reshape(groups, n * k, pixels)
-    parts.append(w)
-  w = jnp.swapaxes(jnp.concatenate(parts, axis=1), 1, 2)  # [G, P, C]
+  x, lab, log_norm, w = residuals
+  num_classes = x.shape[-1]
+  w = jnp.swapaxes(w, 1, 2)                                # [G, P, C]
   fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
   d_probs = ct[:, None, :].astype(w.dtype) * jnp.where(fg, -w, w)
   if log_norm is None:

@@ -167,14 +167,17 @@ def confusion_matrix(
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
 def _confusion_impl(predictions, labels, where, *, num_classes, ignore_index):
-  labels = labels.astype(jnp.int32).reshape(-1)
-  predictions = predictions.astype(jnp.int32).reshape(-1)
+  labels = labels.reshape(-1)
+  predictions = predictions.reshape(-1)
   if where is not None:
     where = where.reshape(-1)
+  # Ranges are checked in the ids' own dtypes, before any narrowing, so that
+  # 64-bit ids (with x64) past 2**31 are out of range, not wrapped.
   valid = _inputs.valid_mask(labels, ignore_index, where)
-  in_range = ((labels >= 0) & (labels < num_classes)
-              & (predictions >= 0) & (predictions < num_classes))
-  counted = valid & in_range
+  counted = valid & ~(_inputs.out_of_range(labels, 0, num_classes)
+                      | _inputs.out_of_range(predictions, 0, num_classes))
+  labels = jnp.where(counted, labels, 0).astype(jnp.int32)
+  predictions = jnp.where(counted, predictions, 0).astype(jnp.int32)
   # Pixels that do not count go to an index past the end, which is dropped.
   index = jnp.where(counted, labels * num_classes + predictions,
                     num_classes * num_classes)

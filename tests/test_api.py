@@ -57,6 +57,18 @@ Y = np.zeros((2, 4, 4), np.int32)
     (dict(labels=np.full((2, 4, 4), 255)), ValueError,
      r"outside \[0, 3\) for logits with 3 classes: 255. If 255 marks void pixels, pass ignore_index=255"),
     (dict(labels=np.full((2, 4, 4), -1)), ValueError, r"-1"),
+    (dict(num_bins=True, method="histogram"), TypeError,
+     r"num_bins must be a positive int, got True"),
+    (dict(num_bins=0, method="histogram"), ValueError, r"num_bins must be a positive int"),
+    (dict(class_chunk_size=True), TypeError, r"class_chunk_size must be a positive int, got True"),
+    (dict(axis=True), TypeError, r"axis must be an int, got True"),
+    (dict(ignore_index=False), TypeError, r"ignore_index must be an int or None, got False"),
+    (dict(axis_name="data"), ValueError,
+     r"axis_name='data': axis 'data' is not bound here.*jax.shard_map"),
+    (dict(axis_name=3), TypeError, r"axis_name must be a mesh axis name"),
+    (dict(class_weights=np.array([1.0, -1.0, 1.0])), ValueError, r"non-negative"),
+    (dict(logits=np.full((2, 4, 4, 3), 2.0, np.float32), from_logits=False), ValueError,
+     r"must be probabilities in \[0, 1\]"),
 ])
 def test_softmax_bad_input(kwargs, error, pattern):
   args = dict(logits=X, labels=Y)
@@ -66,7 +78,8 @@ def test_softmax_bad_input(kwargs, error, pattern):
     lovasz_jax.lovasz_softmax(logits, labels, **args)
   # Trace-time checks fire inside jit too (the label-value check cannot; see
   # test_out_of_range_labels_under_jit_give_nan).
-  if "255" not in pattern and "-1" != pattern:
+  value_checks = ("255", "non-negative", "probabilities")
+  if not any(v in pattern for v in value_checks) and "-1" != pattern:
     with pytest.raises(error, match=pattern):
       jax.jit(lambda a, b: lovasz_jax.lovasz_softmax(a, b, **args))(logits, labels)
 
@@ -89,3 +102,43 @@ def test_hinge_bad_input(kwargs, error, pattern):
   logits, labels = args.pop("logits"), args.pop("labels")
   with pytest.raises(error, match=pattern):
     lovasz_jax.lovasz_hinge(logits, labels, **args)
+
+
+def test_num_bins_is_ignored_by_the_sort_method():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+  exact = lovasz_jax.lovasz_softmax(logits, Y)
+  for num_bins in (0, -3, None):
+    assert lovasz_jax.lovasz_softmax(logits, Y, method="sort", num_bins=num_bins) == exact
+
+
+def test_classes_as_a_list_or_a_tuple():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+  direct = lovasz_jax.lovasz_softmax(logits, Y, classes=[0, 1])
+  assert direct == lovasz_jax.lovasz_softmax(logits, Y, classes=(0, 1))
+  fn = jax.jit(lovasz_jax.lovasz_softmax, static_argnames=lovasz_jax.SOFTMAX_STATIC_ARGNAMES)
+  assert fn(logits, Y, classes=(0, 1)) == direct
+  # jit hashes static arguments, so the jit recipe needs a tuple (README).
+  with pytest.raises(ValueError, match="hashable"):
+    fn(logits, Y, classes=[0, 1])
+
+
+def test_forward_mode_and_second_order():
+  # lovasz_softmax has a hand-written reverse-mode rule (custom_vjp), so
+  # jax.jvp of the loss itself is not available; reverse mode, jvp of the
+  # gradient (Hessian-vector products) and jax.hessian are (README, API).
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(1, 6, 3)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 3, (1, 6)))
+  f = lambda x: lovasz_jax.lovasz_softmax(x, y)
+  with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+    jax.jvp(f, (x,), (jnp.ones_like(x),))
+  hvp = jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1]
+  hess = jax.hessian(f)(x)
+  np.testing.assert_allclose(hvp, jnp.einsum("...ijk,ijk->...", hess, jnp.ones_like(x)),
+                             rtol=1e-4, atol=1e-6)
+  g = lambda x: lovasz_jax.lovasz_sigmoid(x, (y == 1).astype(jnp.int32)[..., None]
+                                         * jnp.ones((1, 1, 3), jnp.int32), axis=-1)
+  _, tangent = jax.jvp(g, (x,), (jnp.ones_like(x),))
+  np.testing.assert_allclose(tangent, jnp.sum(jax.grad(g)(x)), rtol=1e-5)

@@ -16,6 +16,10 @@ from lovasz_jax import lovasz_hinge, lovasz_sigmoid
 from tests import reference
 from tests import reference_binary
 
+# Values and gradients on both paths: the native CPU kernel and the portable
+# XLA path that GPU and TPU run.
+pytestmark = pytest.mark.usefixtures("path")
+
 LOSSES = {"sigmoid": lovasz_sigmoid, "hinge": lovasz_hinge}
 REFERENCES = {"sigmoid": reference_binary.lovasz_sigmoid,
               "hinge": reference_binary.lovasz_hinge}
