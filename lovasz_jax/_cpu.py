@@ -99,9 +99,7 @@ def _varying_like(keys: jax.Array, *outs: jax.Array) -> tuple[jax.Array, ...]:
   # Inside shard_map a custom call's results vary over the same mesh axes as
   # its operand.
   vma = _sharding.varying_axes(keys)
-  if vma:
-    outs = tuple(jax.lax.pcast(a, vma, to="varying") for a in outs)
-  return outs
+  return tuple(_sharding.pcast_varying(a, vma) for a in outs)
 
 
 def exact_weights(keys: jax.Array) -> tuple[jax.Array, jax.Array]:

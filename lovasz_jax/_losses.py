@@ -316,9 +316,18 @@ def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins,
     l_all = lax.dynamic_update_slice_in_dim(l_all, losses, start, 1)
     return (w_all, l_all), None
 
-  dtype = x.dtype
-  init = (jnp.zeros((groups, num_classes, pixels), dtype),
-          jnp.zeros((groups, num_classes), dtype))
+  init = (jnp.zeros((groups, num_classes, pixels), x.dtype),
+          jnp.zeros((groups, num_classes), x.dtype))
+  spec = _sharding.spec_of(x)                              # [G, P, C]
+  if any(spec):  # explicit sharding: the carry is laid out like the rows
+    init = (_sharding.reshard(init[0], (spec[0], None, spec[1]), like=x),
+            _sharding.reshard(init[1], (spec[0], None), like=x))
+  # Inside shard_map the weights vary like the pixels, and the losses too,
+  # except over the axes that split the rows (there they are whole rows').
+  vary = _sharding.varying_axes(x)
+  split = _distribute.axis_names(axis_name)
+  init = (_sharding.pcast_varying(init[0], vary),
+          _sharding.pcast_varying(init[1], tuple(a for a in vary if a not in split)))
   (w, losses), _ = lax.scan(step, init, (starts, cls, selected[cls]))
   return losses, (x, lab, log_norm, w)
 

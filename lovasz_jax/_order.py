@@ -192,20 +192,23 @@ def gather_rows(table: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def count_rows(index: jax.Array, width: int) -> jax.Array:
-  """How often each value in ``[0, width)`` occurs in each row (int32)."""
+  """How often each value in ``[0, width)`` occurs in each row (int32).
 
-  def group(i):
-    rows = i.shape[0]
-    if not _fits(rows, width):
-      return jax.vmap(group)(i[:, None])[:, 0]
-    index = _flat(i, width).reshape(-1, 1)
-    counts = lax.scatter_add(
-        jnp.zeros(rows * width, jnp.int32), index,
-        jnp.ones(index.shape[0], jnp.int32), _SCATTER_1D,
+  One row at a time (``lax.map`` over the rows of each image), each a
+  one-dimensional scatter-add, so the scatter's index and update arrays
+  hold one row, not all of them. When a row's pixels are spread over
+  devices, the SPMD partitioner counts each device's pixels where they are
+  and all-reduces the counts (flat indices over several rows would make it
+  gather the pixels instead).
+  """
+
+  def row(i):
+    return lax.scatter_add(
+        jnp.zeros(width, jnp.int32), i.astype(jnp.int32)[:, None],
+        jnp.ones(i.shape[0], jnp.int32), _SCATTER_1D,
         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-    return counts.reshape(rows, width)
 
-  return _per_group(group, index.ndim)(index)
+  return _per_group(lambda rows: lax.map(row, rows), index.ndim)(index)
 
 
 def _unsort_scatter(w_sorted: jax.Array, perm: jax.Array, flat: bool,

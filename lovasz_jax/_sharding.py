@@ -41,6 +41,11 @@ def varying_axes(x: jax.Array) -> tuple[str, ...]:
   return tuple(sorted(axes))
 
 
+def pcast_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """``x`` typed as varying over the manual mesh ``axes`` (inside shard_map)."""
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
 def merge_axes(x: jax.Array, runs: tuple[int, ...]) -> jax.Array:
   """Reshape ``x`` so that each output axis is a run of consecutive axes.
 

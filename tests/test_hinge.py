@@ -6,10 +6,13 @@ import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import lovasz_jax
 from tests import reference
+
+pytestmark = pytest.mark.usefixtures("path")
 
 
 @st.composite
