@@ -1,3 +1,9 @@
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -26,3 +32,27 @@ def x64():
   """Runs a test in float64 (for tie-free gradient checks)."""
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture(scope="session")
+def sharded_results():
+  """tests/sharded_check.py on 8 host devices, on both paths, side by side.
+
+  Each path runs in its own process (the device-count flag must be set
+  before JAX starts); the JSON they print is keyed by path.
+  """
+  root = pathlib.Path(__file__).parent.parent
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.pop("LOVASZ_JAX_CPU_KERNEL", None)
+  paths = [p for p in PATHS if p != "native" or _cpu.available()]
+  procs = {p: subprocess.Popen([sys.executable, "-m", "tests.sharded_check", "--path", p],
+                               cwd=root, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for p in paths}
+  out = {}
+  for p, proc in procs.items():
+    # A timeout, not a hang: a callback-based kernel was once seen to
+    # deadlock under a multi-device jit; the native kernel must not.
+    stdout, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, stderr[-3000:]
+    out[p] = json.loads(stdout.strip().splitlines()[-1])
+  return out

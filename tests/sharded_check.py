@@ -199,6 +199,47 @@ def memory_checks(out):
       }
 
 
+def _lowering_counts(text):
+  return {"sort": len(re.findall(r"stablehlo\.sort", text)),
+          "scatter": len(re.findall(r"stablehlo\.scatter", text)),
+          "cpu_kernel": len(re.findall(r"lovasz_jax_", text)),
+          "custom_partitioning": len(re.findall(r"CustomSPMDPartitioning", text)),
+          "all_to_all": len(re.findall(r"all_to_all", text)),
+          "all_gather": len(re.findall(r"all_gather", text))}
+
+
+def export_checks(out):
+  """The sharded forms lower for TPU and CUDA (jax.export, no hardware)."""
+  shape = (8, 16, 16, 5)
+  modes = {"sort": {}, "histogram": dict(method="histogram"),
+           "per_image": dict(per_image=True), "lean": dict(class_chunk_size=2)}
+  for platform in ("tpu", "cuda"):
+    for kind, mesh in _meshes().items():
+      sh = NamedSharding(mesh, P("data"))
+      args = (jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
+              jax.ShapeDtypeStruct(shape[:-1], jnp.int32, sharding=sh))
+      for name, kwargs in modes.items():
+        f = jax.jit(jax.value_and_grad(functools.partial(lovasz_jax.lovasz_softmax, **kwargs)))
+        with jax.set_mesh(mesh):
+          exported = jax.export.export(f, platforms=(platform,))(*args)
+        out[f"export/{platform}/{kind}/{name}"] = {
+            "devices": exported.nr_devices, **_lowering_counts(exported.mlir_module())}
+    mesh = jax.make_mesh((8,), ("data",))
+    sh = NamedSharding(mesh, P("data"))
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P("data")),
+                       out_specs=(P(), P("data")))
+    def step(x, y):
+      return jax.value_and_grad(
+          lambda x: lovasz_jax.lovasz_softmax(x, y, axis_name="data"))(x)
+
+    exported = jax.export.export(jax.jit(step), platforms=(platform,))(
+        jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
+        jax.ShapeDtypeStruct(shape[:-1], jnp.int32, sharding=sh))
+    out[f"export/{platform}/shard_map/sort"] = {
+        "devices": exported.nr_devices, **_lowering_counts(exported.mlir_module())}
+
+
 def main():
   assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), (
       "run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -210,6 +251,8 @@ def main():
     jit_checks(out)
     shard_map_checks(out)
     memory_checks(out)
+    if args.path == "portable":
+      export_checks(out)
   print(json.dumps(out))
 
 

@@ -5,17 +5,8 @@ meshes, with and without jax.set_mesh; shard_map with axis_name; and the
 per-device memory and traffic of batch mode (tests/sharded_check.py).
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-from lovasz_jax import _cpu
-
-ROOT = pathlib.Path(__file__).parent.parent
 PATHS = ["native", "portable"]
 MESHES = ["explicit", "auto"]
 WAYS = ["args", "set_mesh"]
@@ -27,23 +18,9 @@ PER_IMAGE = ["per_image", "per_image_lean", "per_image_hist", "hinge",
 SPLIT_ROWS = ["batch", "batch_lean", "sigmoid_multilabel", "sigmoid_binary"]
 
 
-@pytest.fixture(scope="module")
-def results():
-  """Both paths' checks, run side by side (one process each)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  env.pop("LOVASZ_JAX_CPU_KERNEL", None)
-  paths = [p for p in PATHS if p != "native" or _cpu.available()]
-  procs = {p: subprocess.Popen([sys.executable, "-m", "tests.sharded_check", "--path", p],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for p in paths}
-  out = {}
-  for p, proc in procs.items():
-    # A timeout, not a hang: a callback-based kernel was once seen to
-    # deadlock under a multi-device jit; the native kernel must not.
-    stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stderr[-3000:]
-    out[p] = json.loads(stdout.strip().splitlines()[-1])
-  return out
+@pytest.fixture
+def results(sharded_results):
+  return sharded_results
 
 
 def _get(results, path, key):
