@@ -30,12 +30,39 @@
 //                                (1 / n when g + fp == 0)
 // with tp, fp the counts before the slot. Both are weights of an order
 // consistent with the quantised errors, so they are a valid subgradient.
+//
+// Threads: rows are independent. Once a call has at least 2^16 keys, its rows
+// are shared out in chunks between the calling thread and tasks scheduled on
+// XLA's intra-op thread pool (the ffi::ThreadPool context), so no thread is
+// created per call. Every participant claims chunks from one atomic counter,
+// and the calling thread waits only for chunks that a running task has
+// claimed, never for a task to start: that cannot deadlock, even when the
+// caller is itself a pool thread and the pool is busy. A task that starts
+// after the last chunk was claimed returns at once.
+//
+// Built with the package (setup.py) against the XLA FFI headers of the
+// lowest supported jaxlib: an XLA runtime accepts handlers built against its
+// own FFI API version or an older one, not a newer one.
+// LovaszJaxFfiApiVersion reports the version it was built against, so that
+// lovasz_jax checks it before registering the handler.
+//
+// Entry points (at the end of the file): LovaszJaxWeights, target
+// "lovasz_jax_weights". Another entry point reuses ParallelRows and the row
+// functions, and gets its own XLA_FFI_DEFINE_HANDLER_SYMBOL.
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <thread>
+#include <memory>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#ifdef LOVASZ_JAX_SPAWN_THREADS
+#include <thread>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -182,32 +209,108 @@ double HistRow(const K* keys, F* out, int64_t n, int64_t num_bins, Scratch& s) {
   return loss;
 }
 
-template <typename K, typename F, typename RowFn>
-void AllRows(const K* keys, F* out, F* losses, int64_t rows, int64_t n,
-             RowFn row) {
-  if (rows == 0) return;
-  auto work = [&](int64_t first, int64_t last) {
-    Scratch s;
-    for (int64_t r = first; r < last; ++r)
-      losses[r] = static_cast<F>(n == 0 ? 0.0 : row(keys + r * n, out + r * n, n, s));
-  };
+// Calls work(first, last, scratch) on chunks of rows [0, rows): on the
+// calling thread, and on up to pool.num_threads() - 1 pool tasks when the call
+// has at least kParallelKeys keys. Each participant has one Scratch.
+constexpr int64_t kParallelKeys = int64_t{1} << 16;
+// A chunk holds at least this many keys, so claiming one costs little.
+constexpr int64_t kChunkKeys = int64_t{1} << 14;
+
+#ifndef LOVASZ_JAX_SPAWN_THREADS
+
+template <typename Work>
+struct SharedRows {
+  SharedRows(int64_t rows, int64_t chunk, Work work)
+      : rows(rows), chunk(chunk), work(std::move(work)) {}
+
+  // Claims and runs chunks until none is left.
+  void Drain() {
+    Scratch scratch;
+    for (;;) {
+      const int64_t first = next.fetch_add(chunk);
+      if (first >= rows) return;
+      const int64_t last = std::min(rows, first + chunk);
+      work(first, last, scratch);
+      if (done.fetch_add(last - first) + (last - first) == rows) {
+        { std::lock_guard<std::mutex> lock(mu); }
+        finished.notify_all();
+      }
+    }
+  }
+
+  const int64_t rows, chunk;
+  Work work;  // used only while a chunk is unfinished
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable finished;
+};
+
+template <typename Work>
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work) {
+  const int64_t threads = rows * n < kParallelKeys ? 1 : pool.num_threads();
+  const int64_t chunk = std::max<int64_t>(
+      std::min<int64_t>(kChunkKeys / std::max<int64_t>(n, 1) + 1,
+                        rows / std::max<int64_t>(threads, 1)), 1);
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  const int64_t tasks = std::min(threads, chunks) - 1;
+  if (tasks <= 0) {
+    Scratch scratch;
+    work(0, rows, scratch);
+    return;
+  }
+  // Shared with the tasks, which may start after this call returned.
+  auto shared = std::make_shared<SharedRows<Work>>(rows, chunk, std::move(work));
+  for (int64_t t = 0; t < tasks; ++t) pool.Schedule([shared] { shared->Drain(); });
+  shared->Drain();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->finished.wait(lock, [&] { return shared->done.load() == rows; });
+}
+
+#else  // LOVASZ_JAX_SPAWN_THREADS: the former per-call threads, kept only so
+       // that benchmarks/bench.py can time both in one run.
+
+template <typename Work>
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work) {
+  (void)pool;
   const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t workers = std::min<int64_t>(rows, hw);
-  if (workers <= 1 || rows * n < (1 << 16)) {
-    work(0, rows);
+  auto run = [&](int64_t first, int64_t last) {
+    Scratch scratch;
+    work(first, last, scratch);
+  };
+  if (workers <= 1 || rows * n < kParallelKeys) {
+    run(0, rows);
     return;
   }
   std::vector<std::thread> threads;
   const int64_t per = (rows + workers - 1) / workers;
   for (int64_t t = 1; t < workers; ++t) {
     const int64_t first = t * per, last = std::min(rows, first + per);
-    if (first < last) threads.emplace_back(work, first, last);
+    if (first < last) threads.emplace_back(run, first, last);
   }
-  work(0, std::min(rows, per));
+  run(0, std::min(rows, per));
   for (auto& th : threads) th.join();
 }
 
-ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
+#endif  // LOVASZ_JAX_SPAWN_THREADS
+
+// Every row of keys [rows, n]: weights into out, each row's loss into losses.
+template <typename K, typename F, typename RowFn>
+void AllRows(ffi::ThreadPool& pool, const K* keys, F* out, F* losses,
+             int64_t rows, int64_t n, RowFn row) {
+  if (rows == 0) return;
+  ParallelRows(pool, rows, n, [=](int64_t first, int64_t last, Scratch& s) {
+    for (int64_t r = first; r < last; ++r)
+      losses[r] = static_cast<F>(n == 0 ? 0.0 : row(keys + r * n, out + r * n, n, s));
+  });
+}
+
+//===----------------------------------------------------------------------===//
+// Entry point: lovasz_jax_weights (keys -> weights, row losses)
+//===----------------------------------------------------------------------===//
+
+ffi::Error WeightsImpl(ffi::ThreadPool pool, ffi::AnyBuffer keys,
+                       ffi::Result<ffi::AnyBuffer> weights,
                        ffi::Result<ffi::AnyBuffer> losses, int64_t num_bins) {
   const auto dims = keys.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("keys must have rank >= 1");
@@ -226,18 +329,18 @@ ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
   if (keys.element_type() == ffi::DataType::U32 &&
       weights->element_type() == ffi::DataType::F32) {
     if (num_bins > 0)
-      AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
+      AllRows(pool, keys.typed_data<uint32_t>(), weights->typed_data<float>(),
               losses->typed_data<float>(), rows, n, hist32);
     else
-      AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
+      AllRows(pool, keys.typed_data<uint32_t>(), weights->typed_data<float>(),
               losses->typed_data<float>(), rows, n, Row32);
   } else if (keys.element_type() == ffi::DataType::U64 &&
              weights->element_type() == ffi::DataType::F64) {
     if (num_bins > 0)
-      AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
+      AllRows(pool, keys.typed_data<uint64_t>(), weights->typed_data<double>(),
               losses->typed_data<double>(), rows, n, hist64);
     else
-      AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
+      AllRows(pool, keys.typed_data<uint64_t>(), weights->typed_data<double>(),
               losses->typed_data<double>(), rows, n, Row64);
   } else {
     return ffi::Error::InvalidArgument("expected u32 keys -> f32 or u64 keys -> f64");
@@ -247,8 +350,23 @@ ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
 
 }  // namespace
 
+#if defined(_WIN32)
+#define LOVASZ_JAX_EXPORT __declspec(dllexport)
+#else
+#define LOVASZ_JAX_EXPORT __attribute__((visibility("default")))
+#endif
+
+// The XLA FFI API version of the headers this file was compiled against.
+extern "C" LOVASZ_JAX_EXPORT void LovaszJaxFfiApiVersion(int32_t* major,
+                                                         int32_t* minor) {
+  *major = XLA_FFI_API_MAJOR;
+  *minor = XLA_FFI_API_MINOR;
+}
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxWeights(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxWeights, WeightsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
