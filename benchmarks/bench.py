@@ -11,6 +11,12 @@ Rows:
   lean                  the same with class_chunk_size=4 (memory-lean mode)
   histogram             the same with method="histogram", num_bins=4096
   lovasz_jax portable   the same with the native CPU kernel off (XLA's sort)
+  threads per call      the same with the kernel built with
+                        -DLOVASZ_JAX_SPAWN_THREADS: its former threading,
+                        std::threads spawned on every call instead of XLA's
+                        intra-op pool (CPU, when a C++ compiler is found)
+  native kernel alone   jit of the kernel call on the C x P keys, with the
+                        pool and with threads per call
   naive JAX port        argsort + gather + cumsum + dot for each class, jitted
   PyTorch loop          the reference's structure: a loop over classes with
                         sort, gather, cumsum and dot (written here), CPU
@@ -24,10 +30,15 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import os
+import pathlib
 import platform
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -60,6 +71,46 @@ def _temp_ratio(jitted, *args):
     return mem.temp_size_in_bytes / args[0].nbytes
   except Exception:  # pylint: disable=broad-except
     return float("nan")
+
+
+SPAWN_TARGET = "lovasz_jax_weights_spawn"
+_KERNEL_SOURCE = pathlib.Path(__file__).parent.parent / "lovasz_jax" / "_cpu_kernel.cc"
+
+
+@functools.cache
+def spawn_variant():
+  """The kernel with its former per-call threads, registered as SPAWN_TARGET.
+
+  Built here with the flags of setup.py plus -DLOVASZ_JAX_SPAWN_THREADS, so
+  that both threadings are timed in one run. None (with the reason printed)
+  when there is no C++ compiler or no kernel source.
+  """
+  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if cxx is None or not _KERNEL_SOURCE.exists():
+    print(f"(no threads-per-call rows: compiler {cxx}, source {_KERNEL_SOURCE})")
+    return None
+  out = pathlib.Path(tempfile.mkdtemp(prefix="lovasz_jax_bench_")) / "spawn.so"
+  subprocess.run([cxx, "-O3", "-g0", "-std=c++17", "-shared", "-fPIC", "-pthread",
+                  "-DLOVASZ_JAX_SPAWN_THREADS", "-isystem", jax.ffi.include_dir(),
+                  str(_KERNEL_SOURCE), "-o", str(out)], check=True)
+  lib = ctypes.CDLL(str(out))
+  jax.ffi.register_ffi_target(SPAWN_TARGET, jax.ffi.pycapsule(lib.LovaszJaxWeights),
+                              platform="cpu")
+  return lib
+
+
+def with_kernel_target(target, fn):
+  """Runs fn() with the loss calling the FFI target ``target``."""
+  saved = _cpu._TARGET  # pylint: disable=protected-access
+  _cpu._TARGET = target  # pylint: disable=protected-access
+  _cpu._wrapped_call.cache_clear()  # pylint: disable=protected-access
+  jax.clear_caches()
+  try:
+    return fn()
+  finally:
+    _cpu._TARGET = saved  # pylint: disable=protected-access
+    _cpu._wrapped_call.cache_clear()  # pylint: disable=protected-access
+    jax.clear_caches()
 
 
 def naive_jax_loss(logits, labels):
@@ -151,6 +202,10 @@ def bench_shape(name, shape, repeats, with_torch):
     del os.environ["LOVASZ_JAX_CPU_KERNEL"]
     _cpu.available.cache_clear()
     jax.clear_caches()
+    if spawn_variant() is not None:
+      with_kernel_target(SPAWN_TARGET, lambda: time_jax(
+          "lovasz_jax, kernel threads per call (before the pool)",
+          lovasz_jax.lovasz_softmax))
   time_jax("naive JAX port", naive_jax_loss)
   try:
     import optax  # pylint: disable=import-outside-toplevel
@@ -173,6 +228,19 @@ def bench_shape(name, shape, repeats, with_torch):
   keys_np = np.asarray(keys)
   rows["floor: np.sort of C x P keys (CPU)"] = (
       _median_ms(lambda: np.sort(keys_np, axis=-1), repeats), None)
+  if jax.default_backend() == "cpu" and _cpu.available():
+    # The kernel alone: on the C x P keys, and on the first 4 x 2^14 of them
+    # (the smallest call that is shared out), where starting threads weighs
+    # most.
+    small = keys[:4, :2**14]
+    for label, k in (("C x P keys", keys), ("4 x 16384 keys", small)):
+      def time_kernel(k=k):
+        kernel = jax.jit(_cpu.weights_and_losses)
+        return _median_ms(lambda: jax.block_until_ready(kernel(k)), repeats)
+      rows[f"native kernel alone, {label}, thread pool"] = (time_kernel(), None)
+      if spawn_variant() is not None:
+        rows[f"native kernel alone, {label}, threads per call (before)"] = (
+            with_kernel_target(SPAWN_TARGET, time_kernel), None)
   return rows
 
 
@@ -200,7 +268,8 @@ def main(argv=None):
         print(f"| {label} | {ms} | | |")
         continue
       ratio_s = "" if ratio is None else f"{ratio:.2f}x"
-      print(f"| {label} | {ms:.1f} | {ms / ours:.2f}x | {ratio_s} |")
+      ms_s = f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+      print(f"| {label} | {ms_s} | {ms / ours:.2f}x | {ratio_s} |")
 
 
 if __name__ == "__main__":
