@@ -6,19 +6,44 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 # On a machine with an NVIDIA GPU, the bench installs JAX's CUDA build.
 JAX_PIP ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'jax[cuda12]' || echo jax)
+# The editable install compiles the native CPU kernel (setup.py), so it is
+# redone when the kernel's source or the build configuration changes.
+INSTALL_DEPS := pyproject.toml setup.py lovasz_jax/_cpu_kernel.cc
+# The lowest supported jax: pyproject.toml's dependency, tested by ci-extra.
+FLOOR_JAX := 0.8.2
+# ci-extra's throwaway venvs and test copies: outside the source tree, one
+# folder per clone.
+CHECK_DIR ?= $(or $(TMPDIR),/tmp)/lovasz_jax-ci$(subst /,-,$(CURDIR))
+# The tests that ci-extra runs against the installed wheel: all but those
+# that need the source tree (README, examples, notebooks) and the 40M-pixel
+# test_scale (make test runs them all).
+WHEEL_TESTS := test_api.py test_binary.py test_export.py test_extension.py \
+  test_hinge.py test_histogram.py test_metrics.py test_native.py \
+  test_sharding.py test_softmax.py
+# On the lowest jax, a smoke subset of the same. Compiled temp memory depends
+# on XLA's version (on jax 0.8.2 the lean mode takes 2.2x the logits at
+# (1, 96, 96, 19), over the test's 1.5x), so it is tested on the newest only.
+FLOOR_TESTS := test_api.py test_export.py test_extension.py test_hinge.py \
+  test_histogram.py test_native.py test_sharding.py test_softmax.py
+FLOOR_PYTEST_ARGS := -k 'not test_compiled_temp_memory'
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench bench-gpu lint dist check-wheel check-floor check-no-compiler ci-extra \
+  clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.test: pyproject.toml | $(BIN)/python
+$(VENV)/.test: $(INSTALL_DEPS) | $(BIN)/python
 	$(PIP) install -q -e '.[test,examples,notebooks]'
 	touch $@
 
-$(VENV)/.bench: pyproject.toml | $(BIN)/python
+$(VENV)/.bench: $(INSTALL_DEPS) | $(BIN)/python
 	$(PIP) install -q -e '.[test,bench]' '$(JAX_PIP)'
+	touch $@
+
+$(VENV)/.lint: $(INSTALL_DEPS) | $(BIN)/python
+	$(PIP) install -q -e '.[lint]' build
 	touch $@
 
 test: $(VENV)/.test
@@ -30,5 +55,60 @@ demo: $(VENV)/.test
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.bench $(ARGS)
 
+# The accelerator benchmark runs on the Python at hand, as it is: no venv,
+# nothing installed (a GPU box is often offline). PYTHON=... picks another.
+bench-gpu:
+	$(PYTHON) -m benchmarks.accelerator $(ARGS)
+
+# ruff and mypy on the package (versions pinned in the `lint` extra).
+lint: $(VENV)/.lint
+	$(BIN)/ruff check lovasz_jax
+	$(BIN)/mypy
+
+# An sdist, and a wheel built from it (so the sdist must be complete).
+dist: $(VENV)/.lint
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# A fresh venv with only the wheel (and the test tools): the tests run from a
+# copy outside the source tree (with pyproject.toml for pytest's settings), so
+# they import the installed package, and installed_check asserts that it is
+# the wheel's, and that its native kernel is what the CPU programs call.
+define run-installed
+	rm -rf $(CHECK_DIR)/$(1)
+	$(PYTHON) -m venv $(CHECK_DIR)/$(1)/venv
+	$(CHECK_DIR)/$(1)/venv/bin/python -m pip install -q "$$(ls dist/*.whl)[test]" $(2)
+	mkdir -p $(CHECK_DIR)/$(1)/run
+	cp -r tests pyproject.toml $(CHECK_DIR)/$(1)/run/
+	cd $(CHECK_DIR)/$(1)/run && ../venv/bin/python -m tests.installed_check $(3)
+	cd $(CHECK_DIR)/$(1)/run && ../venv/bin/python -m pytest -q -p no:cacheprovider \
+	  $(addprefix tests/,$(4)) $(5)
+endef
+
+# The wheel with the newest jax.
+check-wheel: dist
+	$(call run-installed,wheel,,,$(WHEEL_TESTS))
+
+# The same wheel on the lowest supported jax, with the smoke subset.
+check-floor: dist
+	$(call run-installed,floor,'jax==$(FLOOR_JAX)' 'jaxlib==$(FLOOR_JAX)',\
+	  --jax $(FLOOR_JAX),$(FLOOR_TESTS),$(FLOOR_PYTEST_ARGS))
+
+# A source install where no C++ compiler is found still succeeds (the kernel
+# is an optional extension); the package then runs the portable path and says
+# so once, on its first CPU use.
+check-no-compiler: dist
+	rm -rf $(CHECK_DIR)/no-compiler
+	$(PYTHON) -m venv $(CHECK_DIR)/no-compiler/venv
+	CC=/nonexistent/cc CXX=/nonexistent/c++ \
+	  $(CHECK_DIR)/no-compiler/venv/bin/python -m pip install -q "$$(ls dist/*.tar.gz)"
+	mkdir -p $(CHECK_DIR)/no-compiler/run
+	cp -r tests $(CHECK_DIR)/no-compiler/run/
+	cd $(CHECK_DIR)/no-compiler/run && ../venv/bin/python -m tests.installed_check \
+	  --expect-no-kernel
+
+# What CI runs after `make test`.
+ci-extra: lint check-wheel check-floor check-no-compiler
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist lovasz_jax/_cpu_kernel*.so $(CHECK_DIR)

@@ -18,24 +18,47 @@
 //   background step: (g - tp) / ((g + fp - 1) (g + fp))   (1 when g + fp == 1)
 // in double precision, so nothing cancels at any pixel count.
 //
-// Histogram mode (attribute num_bins = K > 0): the keys hold an error's bin
-// ((bin << 1) | fg) + 1 instead of its bits, with bin = floor(error * K). No
-// sort: one counting pass gives each (bin, fg) slot's count, one pass over
-// the 2K slots in descending order gives each slot a weight, and one pass
-// writes every pixel its slot's weight. All pixels of a slot have the same
-// quantised error (the bin's centre, (bin + 1/2) / K); foreground slots come
-// first in a bin, and the pixels of a slot share their average weight:
-//   foreground slot: 1 / (g + fp)
-//   background slot of n pixels: (g - tp) / ((g + fp) (g + fp + n))
-//                                (1 / n when g + fp == 0)
-// with tp, fp the counts before the slot. Both are weights of an order
-// consistent with the quantised errors, so they are a valid subgradient.
+// Histogram mode is two more entry points, so that the counts of a row split
+// over devices can be summed between them (lovasz_jax._distribute):
+//   lovasz_jax_counts: keys [..., P] made by encode_bins (((bin << 1) | fg)
+//     + 1, 0 for void) -> counts [..., 2K + 1] (s32), each slot's pixels;
+//   lovasz_jax_lookup: (omega [..., 2K + 1], keys [..., P]) -> each pixel's
+//     slot weight omega[..., key] (f32 or f64).
+// The slot weights themselves are computed from the counts in XLA
+// (lovasz_jax._extension.slot_weights): the table is small.
+//
+// Threads: rows are independent. Once a call has at least 2^16 keys, its rows
+// are shared out in chunks between the calling thread and tasks scheduled on
+// XLA's intra-op thread pool (the ffi::ThreadPool context), so no thread is
+// created per call. Every participant claims chunks from one atomic counter,
+// and the calling thread waits only for chunks that a running task has
+// claimed, never for a task to start: that cannot deadlock, even when the
+// caller is itself a pool thread and the pool is busy. A task that starts
+// after the last chunk was claimed returns at once.
+//
+// Built with the package (setup.py) against the XLA FFI headers of the
+// lowest supported jaxlib: an XLA runtime accepts handlers built against its
+// own FFI API version or an older one, not a newer one.
+// LovaszJaxFfiApiVersion reports the version it was built against, so that
+// lovasz_jax checks it before registering the handler.
+//
+// Entry points (at the end of the file): LovaszJaxWeights, LovaszJaxCounts
+// and LovaszJaxLookup, targets "lovasz_jax_weights", "lovasz_jax_counts" and
+// "lovasz_jax_lookup".
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <thread>
+#include <memory>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#ifdef LOVASZ_JAX_SPAWN_THREADS
+#include <thread>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -146,68 +169,108 @@ double Row64(const uint64_t* keys, double* out, int64_t n, Scratch& s) {
       [&](int64_t i) { return sorted[i]; }, out);
 }
 
-// Histogram mode, one row: see the header. Returns the row's loss.
-template <typename K, typename F>
-double HistRow(const K* keys, F* out, int64_t n, int64_t num_bins, Scratch& s) {
-  const int64_t slots = 2 * num_bins + 1;
-  std::vector<int64_t> count(slots, 0);
-  std::vector<double> omega(slots, 0.0);
-  for (int64_t i = 0; i < n; ++i) ++count[std::min<int64_t>(keys[i], slots - 1)];
-  int64_t g = 0;
-  for (int64_t k = 2; k < slots; k += 2) g += count[k];
-  int64_t tp = 0, fp = 0;
-  double loss = 0.0;
-  for (int64_t k = slots - 1; k >= 1; --k) {
-    const int64_t c = count[k];
-    if (c == 0) continue;
-    double w;
-    if ((k - 1) & 1) {
-      w = 1.0 / static_cast<double>(g + fp);
-      tp += c;
-    } else {
-      const int64_t u = g + fp;
-      w = u == 0 ? 1.0 / static_cast<double>(c)
-                 : static_cast<double>(g - tp) /
-                       (static_cast<double>(u) * static_cast<double>(u + c));
-      fp += c;
+// Calls work(first, last, scratch) on chunks of rows [0, rows): on the
+// calling thread, and on up to pool.num_threads() - 1 pool tasks when the call
+// has at least kParallelKeys keys. Each participant has one Scratch.
+constexpr int64_t kParallelKeys = int64_t{1} << 16;
+// A chunk holds at least this many keys, so claiming one costs little.
+constexpr int64_t kChunkKeys = int64_t{1} << 14;
+
+#ifndef LOVASZ_JAX_SPAWN_THREADS
+
+template <typename Work>
+struct SharedRows {
+  SharedRows(int64_t rows, int64_t chunk, Work work)
+      : rows(rows), chunk(chunk), work(std::move(work)) {}
+
+  // Claims and runs chunks until none is left.
+  void Drain() {
+    Scratch scratch;
+    for (;;) {
+      const int64_t first = next.fetch_add(chunk);
+      if (first >= rows) return;
+      const int64_t last = std::min(rows, first + chunk);
+      work(first, last, scratch);
+      if (done.fetch_add(last - first) + (last - first) == rows) {
+        { std::lock_guard<std::mutex> lock(mu); }
+        finished.notify_all();
+      }
     }
-    omega[k] = w;
-    const double centre = (static_cast<double>((k - 1) >> 1) + 0.5) /
-                          static_cast<double>(num_bins);
-    loss += static_cast<double>(c) * w * centre;
   }
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = static_cast<F>(omega[std::min<int64_t>(keys[i], slots - 1)]);
-  (void)s;
-  return loss;
+
+  const int64_t rows, chunk;
+  Work work;  // used only while a chunk is unfinished
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable finished;
+};
+
+template <typename Work>
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work) {
+  const int64_t threads = rows * n < kParallelKeys ? 1 : pool.num_threads();
+  const int64_t chunk = std::max<int64_t>(
+      std::min<int64_t>(kChunkKeys / std::max<int64_t>(n, 1) + 1,
+                        rows / std::max<int64_t>(threads, 1)), 1);
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  const int64_t tasks = std::min(threads, chunks) - 1;
+  if (tasks <= 0) {
+    Scratch scratch;
+    work(0, rows, scratch);
+    return;
+  }
+  // Shared with the tasks, which may start after this call returned.
+  auto shared = std::make_shared<SharedRows<Work>>(rows, chunk, std::move(work));
+  for (int64_t t = 0; t < tasks; ++t) pool.Schedule([shared] { shared->Drain(); });
+  shared->Drain();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->finished.wait(lock, [&] { return shared->done.load() == rows; });
 }
 
-template <typename K, typename F, typename RowFn>
-void AllRows(const K* keys, F* out, F* losses, int64_t rows, int64_t n,
-             RowFn row) {
-  if (rows == 0) return;
-  auto work = [&](int64_t first, int64_t last) {
-    Scratch s;
-    for (int64_t r = first; r < last; ++r)
-      losses[r] = static_cast<F>(n == 0 ? 0.0 : row(keys + r * n, out + r * n, n, s));
-  };
+#else  // LOVASZ_JAX_SPAWN_THREADS: the former per-call threads, kept only so
+       // that benchmarks/bench.py can time both in one run.
+
+template <typename Work>
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work) {
+  (void)pool;
   const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t workers = std::min<int64_t>(rows, hw);
-  if (workers <= 1 || rows * n < (1 << 16)) {
-    work(0, rows);
+  auto run = [&](int64_t first, int64_t last) {
+    Scratch scratch;
+    work(first, last, scratch);
+  };
+  if (workers <= 1 || rows * n < kParallelKeys) {
+    run(0, rows);
     return;
   }
   std::vector<std::thread> threads;
   const int64_t per = (rows + workers - 1) / workers;
   for (int64_t t = 1; t < workers; ++t) {
     const int64_t first = t * per, last = std::min(rows, first + per);
-    if (first < last) threads.emplace_back(work, first, last);
+    if (first < last) threads.emplace_back(run, first, last);
   }
-  work(0, std::min(rows, per));
+  run(0, std::min(rows, per));
   for (auto& th : threads) th.join();
 }
 
-ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
+#endif  // LOVASZ_JAX_SPAWN_THREADS
+
+// Every row of keys [rows, n]: weights into out, each row's loss into losses.
+template <typename K, typename F, typename RowFn>
+void AllRows(ffi::ThreadPool& pool, const K* keys, F* out, F* losses,
+             int64_t rows, int64_t n, RowFn row) {
+  if (rows == 0) return;
+  ParallelRows(pool, rows, n, [=](int64_t first, int64_t last, Scratch& s) {
+    for (int64_t r = first; r < last; ++r)
+      losses[r] = static_cast<F>(n == 0 ? 0.0 : row(keys + r * n, out + r * n, n, s));
+  });
+}
+
+//===----------------------------------------------------------------------===//
+// Entry point: lovasz_jax_weights (keys -> weights, row losses)
+//===----------------------------------------------------------------------===//
+
+ffi::Error WeightsImpl(ffi::ThreadPool pool, ffi::AnyBuffer keys,
+                       ffi::Result<ffi::AnyBuffer> weights,
                        ffi::Result<ffi::AnyBuffer> losses, int64_t num_bins) {
   const auto dims = keys.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("keys must have rank >= 1");
@@ -215,54 +278,44 @@ ffi::Error WeightsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::AnyBuffer> weights,
   if (n > static_cast<int64_t>(UINT32_MAX))
     return ffi::Error::InvalidArgument("rows longer than 2^32 pixels are not supported");
   const int64_t rows = static_cast<int64_t>(losses->element_count());
-  if (num_bins < 0 || num_bins > (int64_t{1} << 30))
-    return ffi::Error::InvalidArgument("num_bins must be in [0, 2^30]");
-  auto hist32 = [num_bins](const uint32_t* k, float* o, int64_t m, Scratch& s) {
-    return HistRow<uint32_t, float>(k, o, m, num_bins, s);
-  };
-  auto hist64 = [num_bins](const uint64_t* k, double* o, int64_t m, Scratch& s) {
-    return HistRow<uint64_t, double>(k, o, m, num_bins, s);
-  };
+  // Histogram mode has its own entry points; num_bins stays in the interface.
+  if (num_bins != 0)
+    return ffi::Error::InvalidArgument("lovasz_jax_weights takes num_bins = 0");
   if (keys.element_type() == ffi::DataType::U32 &&
       weights->element_type() == ffi::DataType::F32) {
-    if (num_bins > 0)
-      AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
-              losses->typed_data<float>(), rows, n, hist32);
-    else
-      AllRows(keys.typed_data<uint32_t>(), weights->typed_data<float>(),
-              losses->typed_data<float>(), rows, n, Row32);
+    AllRows(pool, keys.typed_data<uint32_t>(), weights->typed_data<float>(),
+            losses->typed_data<float>(), rows, n, Row32);
   } else if (keys.element_type() == ffi::DataType::U64 &&
              weights->element_type() == ffi::DataType::F64) {
-    if (num_bins > 0)
-      AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
-              losses->typed_data<double>(), rows, n, hist64);
-    else
-      AllRows(keys.typed_data<uint64_t>(), weights->typed_data<double>(),
-              losses->typed_data<double>(), rows, n, Row64);
+    AllRows(pool, keys.typed_data<uint64_t>(), weights->typed_data<double>(),
+            losses->typed_data<double>(), rows, n, Row64);
   } else {
     return ffi::Error::InvalidArgument("expected u32 keys -> f32 or u64 keys -> f64");
   }
   return ffi::Error::Success();
 }
 
-// Histogram counts: keys [..., P] (u32 or u64, made by encode_bins) ->
-// counts [..., 2K + 1] (s32), the number of pixels in each slot of a row. Slot
-// 0 holds the void pixels. Rows are independent; counts of a row split over
-// devices add up, which is what lets a row span devices in histogram mode.
+//===----------------------------------------------------------------------===//
+// Entry points: lovasz_jax_counts and lovasz_jax_lookup (histogram mode)
+//===----------------------------------------------------------------------===//
+
+// counts[r, s]: how many pixels of row r are in slot s (slot 0: void).
 template <typename K>
-void CountRows(const K* keys, int32_t* counts, int64_t rows, int64_t n,
-               int64_t slots) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const K* k = keys + r * n;
-    int32_t* c = counts + r * slots;
-    std::fill(c, c + slots, 0);
-    for (int64_t i = 0; i < n; ++i)
-      ++c[std::min<uint64_t>(static_cast<uint64_t>(k[i]), slots - 1)];
-  }
+void CountRows(ffi::ThreadPool& pool, const K* keys, int32_t* counts,
+               int64_t rows, int64_t n, int64_t slots) {
+  ParallelRows(pool, rows, n, [=](int64_t first, int64_t last, Scratch&) {
+    for (int64_t r = first; r < last; ++r) {
+      const K* k = keys + r * n;
+      int32_t* c = counts + r * slots;
+      std::fill(c, c + slots, 0);
+      for (int64_t i = 0; i < n; ++i)
+        ++c[std::min<uint64_t>(static_cast<uint64_t>(k[i]), slots - 1)];
+    }
+  });
 }
 
-ffi::Error CountsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::Buffer<ffi::S32>> counts,
-                      int64_t num_bins) {
+ffi::Error CountsImpl(ffi::ThreadPool pool, ffi::AnyBuffer keys,
+                      ffi::Result<ffi::Buffer<ffi::S32>> counts, int64_t num_bins) {
   const auto dims = keys.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("keys must have rank >= 1");
   const int64_t n = dims.back();
@@ -273,72 +326,95 @@ ffi::Error CountsImpl(ffi::AnyBuffer keys, ffi::Result<ffi::Buffer<ffi::S32>> co
   const int64_t slots = 2 * num_bins + 1;
   const int64_t rows = static_cast<int64_t>(counts->element_count()) / slots;
   if (keys.element_type() == ffi::DataType::U32)
-    CountRows(keys.typed_data<uint32_t>(), counts->typed_data(), rows, n, slots);
+    CountRows(pool, keys.typed_data<uint32_t>(), counts->typed_data(), rows, n, slots);
   else if (keys.element_type() == ffi::DataType::U64)
-    CountRows(keys.typed_data<uint64_t>(), counts->typed_data(), rows, n, slots);
+    CountRows(pool, keys.typed_data<uint64_t>(), counts->typed_data(), rows, n, slots);
   else
     return ffi::Error::InvalidArgument("expected u32 or u64 keys");
   return ffi::Error::Success();
 }
 
-// Histogram weights: out[r, i] = omega[r, keys[r, i]] for keys [..., P] and a
-// table omega [..., S] (f32 or f64), each pixel's slot weight.
+// out[r, i] = omega[r, keys[r, i]]: each pixel's slot weight.
 template <typename K, typename F>
-void LookupRows(const K* keys, const F* omega, F* out, int64_t rows, int64_t n,
-                int64_t slots) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const K* k = keys + r * n;
-    const F* w = omega + r * slots;
-    F* o = out + r * n;
-    for (int64_t i = 0; i < n; ++i)
-      o[i] = w[std::min<uint64_t>(static_cast<uint64_t>(k[i]), slots - 1)];
-  }
+void LookupRows(ffi::ThreadPool& pool, const K* keys, const F* omega, F* out,
+                int64_t rows, int64_t n, int64_t slots) {
+  ParallelRows(pool, rows, n, [=](int64_t first, int64_t last, Scratch&) {
+    for (int64_t r = first; r < last; ++r) {
+      const K* k = keys + r * n;
+      const F* w = omega + r * slots;
+      F* o = out + r * n;
+      for (int64_t i = 0; i < n; ++i)
+        o[i] = w[std::min<uint64_t>(static_cast<uint64_t>(k[i]), slots - 1)];
+    }
+  });
 }
 
-ffi::Error LookupImpl(ffi::AnyBuffer omega, ffi::AnyBuffer keys,
+ffi::Error LookupImpl(ffi::ThreadPool pool, ffi::AnyBuffer omega, ffi::AnyBuffer keys,
                       ffi::Result<ffi::AnyBuffer> out) {
   const auto kd = keys.dimensions(), od = omega.dimensions();
-  if (kd.size() == 0 || od.size() != kd.size())
-    return ffi::Error::InvalidArgument("omega and keys must have the same rank >= 1");
+  if (kd.size() == 0 || od.size() != kd.size() || od.back() == 0)
+    return ffi::Error::InvalidArgument(
+        "omega and keys must have the same rank >= 1, and omega slots");
   const int64_t n = kd.back(), slots = od.back();
-  const int64_t rows = slots == 0 ? 0 : static_cast<int64_t>(omega.element_count()) / slots;
-  if (slots == 0) return ffi::Error::InvalidArgument("omega must have slots");
+  const int64_t rows = static_cast<int64_t>(omega.element_count()) / slots;
   const bool k32 = keys.element_type() == ffi::DataType::U32;
   const bool k64 = keys.element_type() == ffi::DataType::U64;
-  if (omega.element_type() == ffi::DataType::F32 && k32)
-    LookupRows(keys.typed_data<uint32_t>(), omega.typed_data<float>(),
-               out->typed_data<float>(), rows, n, slots);
-  else if (omega.element_type() == ffi::DataType::F64 && k64)
-    LookupRows(keys.typed_data<uint64_t>(), omega.typed_data<double>(),
-               out->typed_data<double>(), rows, n, slots);
-  else if (omega.element_type() == ffi::DataType::F32 && k64)
-    LookupRows(keys.typed_data<uint64_t>(), omega.typed_data<float>(),
-               out->typed_data<float>(), rows, n, slots);
-  else if (omega.element_type() == ffi::DataType::F64 && k32)
-    LookupRows(keys.typed_data<uint32_t>(), omega.typed_data<double>(),
-               out->typed_data<double>(), rows, n, slots);
-  else
+  if (omega.element_type() == ffi::DataType::F32 && (k32 || k64)) {
+    if (k32)
+      LookupRows(pool, keys.typed_data<uint32_t>(), omega.typed_data<float>(),
+                 out->typed_data<float>(), rows, n, slots);
+    else
+      LookupRows(pool, keys.typed_data<uint64_t>(), omega.typed_data<float>(),
+                 out->typed_data<float>(), rows, n, slots);
+  } else if (omega.element_type() == ffi::DataType::F64 && (k32 || k64)) {
+    if (k32)
+      LookupRows(pool, keys.typed_data<uint32_t>(), omega.typed_data<double>(),
+                 out->typed_data<double>(), rows, n, slots);
+    else
+      LookupRows(pool, keys.typed_data<uint64_t>(), omega.typed_data<double>(),
+                 out->typed_data<double>(), rows, n, slots);
+  } else {
     return ffi::Error::InvalidArgument("expected f32/f64 omega and u32/u64 keys");
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+#if defined(_WIN32)
+#define LOVASZ_JAX_EXPORT __declspec(dllexport)
+#else
+#define LOVASZ_JAX_EXPORT __attribute__((visibility("default")))
+#endif
+
+// The XLA FFI API version of the headers this file was compiled against.
+extern "C" LOVASZ_JAX_EXPORT void LovaszJaxFfiApiVersion(int32_t* major,
+                                                         int32_t* minor) {
+  *major = XLA_FFI_API_MAJOR;
+  *minor = XLA_FFI_API_MINOR;
+}
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxWeights(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxWeights, WeightsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("num_bins"));
 
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxCounts(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxCounts, CountsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("num_bins"));
 
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxLookup(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxLookup, LookupImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());

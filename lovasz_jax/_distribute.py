@@ -105,8 +105,10 @@ def split_rows(keys: jax.Array, num_bins: int,
   Runs on the local blocks of the keys (inside ``shard_map`` or a
   ``custom_partitioning`` rule); with no axes the rows are whole.
   """
-  if not axes or _axis_size(axes) == 1:
+  if not axes:
     return _whole_rows(keys, num_bins)
+  # (An axis of size 1 takes the same route: its collectives are trivial,
+  # and the losses come out typed as the same on every device.)
   if num_bins:
     return _histogram_split(keys, num_bins, axes)
   return _exact_split(keys, axes)

@@ -87,26 +87,6 @@ def test_ties_put_foreground_first_then_pixel_order(path):
     np.testing.assert_allclose(np.asarray(w[r]), expect, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.skipif(not _cpu.available(), reason="native CPU kernel not built")
-def test_native_kernel_threaded_branch_matches_portable():
-  # rows x pixels >= 2**16 sends the native kernel to its multi-threaded
-  # branch; with 6 rows each thread gets rows of its own.
-  rng = np.random.default_rng(4)
-  errors, fg, valid = _distinct_problem(rng, (6, 12000), np.float32)
-  keys = _extension.encode_keys(errors, fg, valid)
-  assert keys.size >= 2**16
-  native = _exact("native", keys)
-  portable = _exact("sort2", keys)
-  # The native kernel computes weights in double and rounds once; the
-  # portable path computes them in float32: within an ulp or two.
-  np.testing.assert_allclose(native[0], portable[0], rtol=3e-7, atol=0)
-  np.testing.assert_allclose(native[1], portable[1], rtol=1e-6)
-  counts = _histogram("native", _extension.encode_bins(errors / 2.4e4, fg, valid, 64), 64)
-  counts_portable = _histogram("sort2", _extension.encode_bins(errors / 2.4e4, fg, valid,
-                                                               64), 64)
-  np.testing.assert_allclose(counts[0], counts_portable[0], rtol=3e-7, atol=0)
-
-
 @pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("shape", [(7,), (4, 9), (2, 3, 11), (2, 2, 2, 5)])
 def test_any_number_of_leading_axes(path, shape):
