@@ -29,6 +29,7 @@ import os
 import pathlib
 import re
 import sys
+import types
 import warnings
 
 import jax
@@ -155,13 +156,13 @@ def _user_stacklevel() -> int:
   The first frame outside lovasz_jax and JAX (which trace the loss) is the
   caller's: the line that called the loss, or jitted a function that does.
   """
-  frame, level = sys._getframe(1), 1  # pylint: disable=protected-access
+  frame: types.FrameType | None = sys._getframe(1)  # pylint: disable=protected-access
+  level = 1
   package = str(pathlib.Path(__file__).parent)
   jax_dir = str(pathlib.Path(jax.__file__).parent)
   while frame is not None:
     name = frame.f_code.co_filename
-    if not (name.startswith(package) or name.startswith(jax_dir)
-            or name.startswith("<frozen")):
+    if not name.startswith((package, jax_dir, "<frozen")):
       return level
     frame, level = frame.f_back, level + 1
   return 2
@@ -216,7 +217,8 @@ def exact_weights(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
       (jax.ShapeDtypeStruct(keys.shape, out_dtype),
        jax.ShapeDtypeStruct(keys.shape[:-1], out_dtype)),
       vmap_method="broadcast_all")
-  return _varying_like(keys, *call(keys, num_bins=np.int64(0)))
+  w, losses = _varying_like(keys, *call(keys, num_bins=np.int64(0)))
+  return w, losses
 
 
 def histogram_counts(keys: jax.Array, num_bins: int) -> jax.Array:

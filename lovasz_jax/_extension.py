@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 _KEY_DTYPES = {4: jnp.uint32, 8: jnp.uint64}

@@ -260,9 +260,8 @@ def check_label_range(labels: jax.Array, low: int, high: int,
         f"{_show(values)}." + hint)
 
 
-def check_probabilities(probs: jax.Array, labels: jax.Array,
-                        ignore_index: int | None, where: jax.Array | None,
-                        channel_axis: int | None) -> None:
+def check_probabilities(probs: Any, labels: Any, ignore_index: int | None,
+                        where: Any, channel_axis: int | None) -> None:
   """``from_logits=False``: valid pixels' values must lie in ``[0, 1]``.
 
   Checked when concrete; under a trace the loss is NaN instead. With

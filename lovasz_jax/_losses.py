@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from lovasz_jax import _distribute
 from lovasz_jax import _extension
@@ -195,7 +196,7 @@ def lovasz_softmax(
         f"labels must have the logits' shape without the class axis: logits "
         f"{logits.shape} with axis={axis} need labels of shape {expected}, got "
         f"{labels.shape}.")
-  classes = _inputs.check_classes(classes, num_classes)
+  class_ids = _inputs.check_classes(classes, num_classes)
   per_image = _inputs.check_static_bool(per_image, "per_image")
   from_logits = _inputs.check_static_bool(from_logits, "from_logits")
   ignore_index = _inputs.check_ignore_index(ignore_index)
@@ -215,7 +216,7 @@ def lovasz_softmax(
     row *= math.prod(lax.axis_size(a) for a in axis_name)
   _inputs.check_row_length(row, "lovasz_softmax")
   return _softmax_impl(
-      logits, labels, where, class_weights, axis=axis, classes=classes,
+      logits, labels, where, class_weights, axis=axis, classes=class_ids,
       per_image=per_image, ignore_index=ignore_index, from_logits=from_logits,
       class_chunk_size=class_chunk_size, num_bins=num_bins,
       axis_name=axis_name)

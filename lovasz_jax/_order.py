@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
