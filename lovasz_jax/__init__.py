@@ -5,6 +5,7 @@ Rannen Triki & Blaschko (CVPR 2018) as pure JAX functions, with mIoU metrics.
 """
 
 from lovasz_jax._binary import HINGE_STATIC_ARGNAMES as HINGE_STATIC_ARGNAMES
+from lovasz_jax._cpu import CPU_CUSTOM_CALL_TARGETS as CPU_CUSTOM_CALL_TARGETS
 from lovasz_jax._binary import lovasz_hinge as lovasz_hinge
 from lovasz_jax._binary import lovasz_sigmoid as lovasz_sigmoid
 from lovasz_jax._binary import SIGMOID_STATIC_ARGNAMES as SIGMOID_STATIC_ARGNAMES
@@ -18,6 +19,7 @@ from lovasz_jax._metrics import mean_iou as mean_iou
 __version__ = "0.1.0"
 
 __all__ = [
+    "CPU_CUSTOM_CALL_TARGETS",
     "HINGE_STATIC_ARGNAMES",
     "SIGMOID_STATIC_ARGNAMES",
     "SOFTMAX_STATIC_ARGNAMES",

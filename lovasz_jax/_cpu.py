@@ -46,6 +46,9 @@ _COUNTS_TARGET = "lovasz_jax_counts"
 _LOOKUP_TARGET = "lovasz_jax_lookup"
 _HANDLERS = {_TARGET: "LovaszJaxWeights", _COUNTS_TARGET: "LovaszJaxCounts",
              _LOOKUP_TARGET: "LovaszJaxLookup"}
+# Public (lovasz_jax.CPU_CUSTOM_CALL_TARGETS): the custom calls a CPU program
+# may hold, for jax.export's DisabledSafetyCheck.custom_call.
+CPU_CUSTOM_CALL_TARGETS = tuple(_HANDLERS)
 _LIBRARY_STEM = "_cpu_kernel"
 
 

@@ -81,7 +81,7 @@ def _loss_and_grad(kind, logits, labels, kwargs):
   return _vg(LOSSES[kind], **static)(logits, labels, **dynamic)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(problems())
 def test_value_matches_reference_float32(problem):
   kind, logits, labels, kwargs = problem
@@ -92,7 +92,7 @@ def test_value_matches_reference_float32(problem):
   assert np.all(np.isfinite(grad))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=14, deadline=None)
 @given(problems())
 def test_value_and_grad_match_reference_float64(problem):
   # In float64 the errors have no ties, so the gradient is unique.
@@ -223,7 +223,7 @@ def test_multi_label_is_the_mean_of_per_channel_binary_losses(problem):
                              rtol=1e-6, atol=1e-7)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(problems())
 def test_per_image_equals_loop_over_images(problem):
   kind, logits, labels, kwargs = problem
@@ -260,7 +260,7 @@ def test_per_image_equals_loop_over_images(problem):
                              rtol=1e-6, atol=1e-7)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(st.integers(0, 10**6), st.integers(1, 4), st.booleans())
 def test_hard_predictions_give_mean_over_channels_of_one_minus_iou(
     seed, channels, use_where):

@@ -35,7 +35,7 @@ def _value_and_grad(logits, labels, kwargs):
   return jax.jit(jax.value_and_grad(fn))(logits, labels, where=kwargs["where"])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(problems())
 def test_value_matches_reference_float32(problem):
   logits, labels, kwargs = problem
@@ -45,7 +45,7 @@ def test_value_matches_reference_float32(problem):
   assert np.all(np.isfinite(grad))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=14, deadline=None)
 @given(problems())
 def test_value_and_grad_match_reference_float64(problem):
   logits, labels, kwargs = problem

@@ -66,7 +66,7 @@ def _loss_and_grad(logits, labels, kwargs):
   return jax.jit(jax.value_and_grad(fn))(logits, labels, **dynamic)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(problems())
 def test_value_matches_reference_float32(problem):
   logits, labels, kwargs = problem
@@ -80,7 +80,7 @@ def test_value_matches_reference_float32(problem):
   assert np.all(np.isfinite(grad))
 
 
-@settings(max_examples=35, deadline=None)
+@settings(max_examples=24, deadline=None)
 @given(problems())
 def test_value_and_grad_match_reference_float64(problem):
   # In float64 the errors have no ties, so the gradient is unique.
@@ -94,7 +94,7 @@ def test_value_and_grad_match_reference_float64(problem):
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-8, atol=1e-11)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.integers(0, 10**6))
 def test_grad_float32_at_tie_free_points(seed):
   rng = np.random.default_rng(seed)
@@ -123,7 +123,7 @@ def test_check_grads_at_tie_free_points(x64):
                               eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.integers(0, 10**6), st.integers(1, 6), st.booleans())
 def test_hard_predictions_give_mean_one_minus_iou(seed, num_classes, use_where):
   rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ def test_hard_predictions_give_mean_one_minus_iou(seed, num_classes, use_where):
       loss, reference.mean_iou_loss(pred, labels, valid, num_classes), atol=1e-6)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(problems())
 def test_where_equals_slicing_out(problem):
   logits, labels, kwargs = problem
@@ -168,7 +168,7 @@ def test_axis_equals_moveaxis(per_image):
   np.testing.assert_allclose(g1, np.moveaxis(g2, -1, 1), atol=1e-7)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(problems())
 def test_per_image_equals_loop_over_images(problem):
   logits, labels, kwargs = problem
