@@ -18,13 +18,14 @@ CHECK_DIR ?= $(or $(TMPDIR),/tmp)/lovasz_jax-ci$(subst /,-,$(CURDIR))
 # that need the source tree (README, examples, notebooks) and the 40M-pixel
 # test_scale (make test runs them all).
 WHEEL_TESTS := test_api.py test_binary.py test_export.py test_extension.py \
-  test_hinge.py test_histogram.py test_metrics.py test_native.py \
-  test_sharding.py test_softmax.py
+  test_hinge.py test_histogram.py test_lowering.py test_memory.py test_metrics.py \
+  test_native.py test_order.py test_reliability.py test_sharding.py test_softmax.py
 # On the lowest jax, a smoke subset of the same. Compiled temp memory depends
 # on XLA's version (on jax 0.8.2 the lean mode takes 2.2x the logits at
 # (1, 96, 96, 19), over the test's 1.5x), so it is tested on the newest only.
 FLOOR_TESTS := test_api.py test_export.py test_extension.py test_hinge.py \
-  test_histogram.py test_native.py test_sharding.py test_softmax.py
+  test_histogram.py test_lowering.py test_native.py test_order.py test_reliability.py \
+  test_sharding.py test_softmax.py
 FLOOR_PYTEST_ARGS := -k 'not test_compiled_temp_memory'
 
 .PHONY: test demo bench bench-gpu lint dist check-wheel check-floor check-no-compiler ci-extra \

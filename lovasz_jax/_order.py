@@ -13,21 +13,26 @@ puts the weights back in pixel order:
   slower (see the README's benchmark).
 - GPU, TPU (and CPU without the native kernel): one stable ``lax.sort`` of
   (uint32 key, int32 pixel index) pairs, and a second sort keyed by the
-  pixel index to put the weights back. Both are sorts of 32-bit pairs: on
-  TPU, 64-bit integers are emulated with 32-bit operations (openxla/xla#26995),
-  and scatters are serialised, while multi-operand sorts are native; on
-  GPU, XLA's ``SortRewriter`` sends one- or two-operand sorts along the minor
-  axis with a 32-bit key to CUB's radix sort (``xla/backends/gpu/transforms/
-  sort_rewriter.cc``, enabled by ``xla_gpu_enable_cub_radix_sort``, on by
-  default), which needs four 8-bit passes for a 32-bit key where a packed
-  64-bit key needs eight. Putting the weights back with a second sort rather
-  than a scatter needs no zero-filled target and no index column, which
-  keeps the compiled temp memory near 3.4x the logits at (2,256,256,21)
-  where the scatter variant needs 4.4x (README, "Memory").
+  pixel index to put the weights back. Both are sorts of 32-bit pairs.
+  TPUs rewrite 64-bit integer types into 32-bit operations
+  (openxla/xla#26995 quotes that rewriter), and sort several operands
+  natively (jax-ml/jax#5052). On GPUs, XLA's ``SortRewriter``
+  (``xla/backends/gpu/transforms/sort_rewriter.cc``; flag
+  ``xla_gpu_enable_cub_radix_sort``, on by default) sends one- or two-operand
+  sorts along the minor axis whose comparator compares one integer operand
+  to CUB's radix sort, a segmented one for several rows. Its radix passes
+  scale with the key's bits: a 32-bit key needs half the passes of the
+  packed 64-bit one. (Below sizes that depend on the GPU and the number of
+  rows, XLA keeps its own sort; ``make bench-gpu`` measures what a given GPU
+  does.) Putting the weights back with a second sort, rather than a scatter,
+  needs no zero-filled target and no index column: compiled temp memory
+  3.4x the logits at (2,256,256,21), where the scatter variant needs 4.4x.
 - The alternatives stay selectable for the accelerator benchmark
   (``use_path``): "scatter" (a scatter of unique indices to put the weights
-  back: one pass, no atomics) and "packed" (a single-operand sort of
-  ``(~key << 32) | index`` in uint64), so that a GPU run can time them.
+  back: one pass, and no atomics, since XLA's GPU emitter writes unique
+  indices with plain stores) and "packed" (one single-operand sort of
+  ``(~key << 32) | index`` in uint64; on XLA's CPU backend it is about 5x
+  faster than the pair sort, a gap the native kernel makes moot there).
 
 Histogram mode counts each row's ``2K + 1`` slots (the native kernel on CPU,
 a scatter-add of int32 ones elsewhere; integer adds are deterministic, so

@@ -233,7 +233,8 @@ with warnings.catch_warnings(record=True) as caught:
   losses = [float(jax.jit(lovasz_jax.lovasz_softmax)(logits, labels)),
             float(lovasz_jax.lovasz_sigmoid(logits[..., 0], (labels == 1).astype(int)))]
 print(json.dumps({"warnings": [str(w.message) for w in caught], "loss": losses[0],
-                  "available": _cpu.available()}))
+                  "available": _cpu.available(),
+                  "where": [(w.filename, w.lineno) for w in caught]}))
 """
   env = dict(os.environ, PYTHONPATH=str(tmp_path))
   expected = float(lovasz_jax.lovasz_softmax(*softmax_inputs()))
@@ -245,6 +246,9 @@ print(json.dumps({"warnings": [str(w.message) for w in caught], "loss": losses[0
   assert "native CPU kernel is not available" in cpu["warnings"][0]
   assert "without a working C++ compiler" in cpu["warnings"][0]
   assert "portable XLA path" in cpu["warnings"][0]
+  # It points at the user's line (the loss call in the script), not into
+  # lovasz_jax or JAX.
+  assert cpu["where"][0][0] == "<string>", cpu["where"]
   gpu = json.loads(run_python(code, tmp_path, "gpu", env=env, cwd=tmp_path)
                    .splitlines()[-1])
   assert gpu["warnings"] == [] and gpu["available"] is False
