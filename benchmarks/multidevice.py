@@ -27,7 +27,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402  (after the flag)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import lovasz_jax  # noqa: E402
 from lovasz_jax import _cpu, _order  # noqa: E402
@@ -81,7 +81,8 @@ def main(argv=None):
                                                           **kwargs)))
         base = None
         for n in (1, 2, 4, 8):
-          mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+          mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                               axis_types=(AxisType.Explicit,))
           sh = NamedSharding(mesh, P("data"))
           compiled = fn.lower(jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
                               jax.ShapeDtypeStruct(shape[:-1], jnp.int32,

@@ -16,7 +16,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lovasz_jax
 from lovasz_jax import _order
@@ -63,7 +63,7 @@ def _losses(num_classes):
 
 def _meshes():
   return {
-      "explicit": jax.make_mesh((8,), ("data",)),   # explicit axis types
+      "explicit": jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,)),
       "auto": jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
   }
 
@@ -111,7 +111,7 @@ def shard_map_checks(out):
   images = rng.normal(size=(8, 12, 12, 3)).astype(np.float32)
   labels = rng.integers(0, 5, (8, 12, 12))
   labels[2] = 255
-  mesh = jax.make_mesh((8,), ("data",))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
   batch = NamedSharding(mesh, P("data"))
   params = {
       "conv": jnp.asarray(rng.normal(size=(3, 3, 3, 6)).astype(np.float32) * 0.3),
@@ -226,7 +226,7 @@ def export_checks(out):
           exported = jax.export.export(f, platforms=(platform,))(*args)
         out[f"export/{platform}/{kind}/{name}"] = {
             "devices": exported.nr_devices, **_lowering_counts(exported.mlir_module())}
-    mesh = jax.make_mesh((8,), ("data",))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
     sh = NamedSharding(mesh, P("data"))
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P("data")),
