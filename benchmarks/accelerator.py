@@ -115,23 +115,8 @@ def torch_rows(shape, repeats):
                    device=device, requires_grad=True)
   y = torch.tensor(gen.integers(0, shape[-1], (shape[0],) + shape[1:-1]), device=device)
 
-  def reference_loop(logits, labels):
-    probs = logits.softmax(1)
-    probs = probs.movedim(1, -1).reshape(-1, probs.shape[1])
-    labels = labels.reshape(-1)
-    losses = []
-    for c in range(probs.shape[1]):
-      fg = (labels == c).float()
-      if fg.sum() == 0:
-        continue
-      errors = (fg - probs[:, c]).abs()
-      errors_sorted, perm = torch.sort(errors, 0, descending=True)
-      fg_sorted = fg[perm]
-      gts = fg_sorted.sum()
-      jaccard = 1.0 - (gts - fg_sorted.cumsum(0)) / (gts + (1 - fg_sorted).cumsum(0))
-      jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-      losses.append(torch.dot(errors_sorted, jaccard))
-    return torch.stack(losses).mean()
+  from benchmarks.bench import torch_reference_loop  # pylint: disable=import-outside-toplevel
+  reference_loop = torch_reference_loop
 
   def measure(loss_fn):
     def step():

@@ -186,6 +186,31 @@ def naive_jax_loss(logits, labels):
   return jnp.sum(jnp.where(counted, losses, 0)) / jnp.maximum(counted.sum(), 1)
 
 
+def torch_reference_loop(logits, labels):
+  """The reference's structure in PyTorch (written here): a loop over classes
+  with sort, gather, cumsum and dot. ``logits`` are NCHW."""
+  import torch  # pylint: disable=import-outside-toplevel
+  probs = logits.softmax(1)
+  num_classes = probs.shape[1]
+  probs = probs.movedim(1, -1).reshape(-1, num_classes)
+  labels = labels.reshape(-1)
+  losses = []
+  for c in range(num_classes):
+    fg = (labels == c).float()
+    if fg.sum() == 0:
+      continue
+    errors = (fg - probs[:, c]).abs()
+    errors_sorted, perm = torch.sort(errors, 0, descending=True)
+    fg_sorted = fg[perm]
+    gts = fg_sorted.sum()
+    intersection = gts - fg_sorted.cumsum(0)
+    union = gts + (1 - fg_sorted).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    losses.append(torch.dot(errors_sorted, jaccard))
+  return torch.stack(losses).mean()
+
+
 def torch_rows(shape, logits_np, labels_np, repeats):
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -194,26 +219,7 @@ def torch_rows(shape, logits_np, labels_np, repeats):
   x = torch.tensor(np.moveaxis(logits_np, -1, 1).copy(), requires_grad=True)
   y = torch.tensor(labels_np, dtype=torch.long)
 
-  def reference_loop(logits, labels):
-    probs = logits.softmax(1)
-    num_classes = probs.shape[1]
-    probs = probs.movedim(1, -1).reshape(-1, num_classes)
-    labels = labels.reshape(-1)
-    losses = []
-    for c in range(num_classes):
-      fg = (labels == c).float()
-      if fg.sum() == 0:
-        continue
-      errors = (fg - probs[:, c]).abs()
-      errors_sorted, perm = torch.sort(errors, 0, descending=True)
-      fg_sorted = fg[perm]
-      gts = fg_sorted.sum()
-      intersection = gts - fg_sorted.cumsum(0)
-      union = gts + (1 - fg_sorted).cumsum(0)
-      jaccard = 1.0 - intersection / union
-      jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-      losses.append(torch.dot(errors_sorted, jaccard))
-    return torch.stack(losses).mean()
+  reference_loop = torch_reference_loop
 
   def run(loss_fn):
     x.grad = None
