@@ -188,8 +188,13 @@ def test_per_image_equals_loop_over_images(problem):
     valid = where[b] & (labels[b] != ignore if ignore is not None else True)
     present = np.unique(labels[b][valid])
     cls = kwargs["classes"]
-    counts = valid.any() and (cls != "present" or present.size > 0)
-    if counts:
+    num_classes = logits.shape[axis]
+    counted = (present if cls == "present"
+               else range(num_classes) if cls == "all" else cls)
+    weights = kwargs["class_weights"]
+    total = sum(1.0 if weights is None else weights[c] for c in counted)
+    # An image counts if it counts a class of positive total weight.
+    if valid.any() and total > 0:
       losses.append(lovasz_jax.lovasz_softmax(x_b, labels[b:b + 1], where=where[b:b + 1],
                                               **kwargs))
   expected = np.mean(losses) if losses else 0.0
