@@ -5,10 +5,10 @@ Rannen Triki & Blaschko (CVPR 2018) as pure JAX functions, with mIoU metrics.
 """
 
 from lovasz_jax._binary import HINGE_STATIC_ARGNAMES as HINGE_STATIC_ARGNAMES
-from lovasz_jax._cpu import CPU_CUSTOM_CALL_TARGETS as CPU_CUSTOM_CALL_TARGETS
 from lovasz_jax._binary import lovasz_hinge as lovasz_hinge
 from lovasz_jax._binary import lovasz_sigmoid as lovasz_sigmoid
 from lovasz_jax._binary import SIGMOID_STATIC_ARGNAMES as SIGMOID_STATIC_ARGNAMES
+from lovasz_jax._cpu import CPU_CUSTOM_CALL_TARGETS as CPU_CUSTOM_CALL_TARGETS
 from lovasz_jax._extension import lovasz_grad as lovasz_grad
 from lovasz_jax._losses import lovasz_softmax as lovasz_softmax
 from lovasz_jax._losses import SOFTMAX_STATIC_ARGNAMES as SOFTMAX_STATIC_ARGNAMES

@@ -216,8 +216,6 @@ def memory_checks(out):
       "per_image": (functools.partial(lovasz_jax.lovasz_softmax, per_image=True),
                     shape[:-1]),
       "sigmoid_multilabel": (ml, shape),
-      "sigmoid_multilabel_hist": (
-          lambda x, y: lovasz_jax.lovasz_sigmoid(x, y, axis=-1, method="histogram"), shape),
       "sigmoid_binary_hist": (
           lambda x, y: lovasz_jax.lovasz_sigmoid(x[..., 0], y[..., 0], method="histogram"),
           shape),
