@@ -19,7 +19,6 @@ of all channels' pixels put together, which large channels dominate. Passing
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -77,12 +76,16 @@ def _check(logits, labels, where, axis, classes, per_image, ignore_index,
   where = _inputs.check_where(where, labels.shape, "labels")
   axis_name = _inputs.check_axis_name(axis_name)
   _inputs.check_label_range(labels, 0, 2, ignore_index, where, what)
-  skip = ({0} if per_image else set()) | (set() if axis is None else {axis})
-  row = math.prod(d for i, d in enumerate(logits.shape) if i not in skip)
-  if axis_name is not None and not per_image:
-    row *= math.prod(jax.lax.axis_size(a) for a in axis_name)
-  _inputs.check_row_length(row, name)
+  _inputs.check_row_length(_row_dims(logits.shape, axis, per_image, axis_name),
+                           name)
   return logits, labels, where, axis, classes, per_image, ignore_index, axis_name
+
+
+def _row_dims(shape, axis, per_image, axis_name):
+  """The sizes whose product is a row's length (``_inputs.row_dims``)."""
+  skip = ({0} if per_image else set()) | (set() if axis is None else {axis})
+  return _inputs.row_dims([d for i, d in enumerate(shape) if i not in skip],
+                          axis_name, split=not per_image)
 
 
 def _rows(a: jax.Array, axis: int | None, per_image: bool) -> jax.Array:
@@ -144,6 +147,7 @@ def _impl(logits, labels, where, *, errors, axis, classes, per_image,
   # the channels that take part. Void pixels take part in nothing.
   bad |= (_inputs.bad_probabilities(x, val) if errors == "probabilities"
           else _inputs.bad_logits(x, val))
+  bad |= _inputs.row_too_long(_row_dims(logits.shape, axis, per_image, axis_name))
   nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
   x = jnp.where(val, _inputs.nan_gradient_if(x, nan_if_bad), 0)
   fg = lab == 1

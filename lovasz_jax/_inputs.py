@@ -10,6 +10,7 @@ and a NaN gradient instead (``poison``).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -363,10 +364,51 @@ def _nan_gradient_if_jvp(primals, tangents):
   return x, tangents[0] * factor.astype(tangents[0].dtype)
 
 
-def check_row_length(pixels: int, what: str) -> None:
+def row_dims(pixel_dims: Sequence[Any], axis_name: tuple[str, ...] | None,
+             split: bool) -> tuple[Any, ...]:
+  """The sizes whose product is one row's length.
+
+  ``pixel_dims`` are a row's dimensions on this device; rows split over the
+  devices along ``axis_name`` (batch mode in ``shard_map``) are that many
+  times longer. Sizes may be symbolic (``jax.export``).
+  """
+  devices = tuple(jax.lax.axis_size(a) for a in axis_name) if split and axis_name else ()
+  return tuple(pixel_dims) + devices
+
+
+def check_row_length(dims: tuple[Any, ...], what: str) -> None:
+  """Raises when a row of ``prod(dims)`` pixels cannot be counted in int32.
+
+  Symbolic sizes cannot be compared here; ``row_too_long`` checks them at
+  run time.
+  """
+  if not all(isinstance(d, int) for d in dims):
+    return
+  pixels = math.prod(dims)
   if pixels > 2**31 - 1:
     raise ValueError(
         f"{what} has {pixels} pixels in one row; lovasz_jax counts pixels "
         "in int32, so a row (one class of the batch, or of one image with "
         "per_image=True) may hold at most 2**31 - 1 pixels. Use "
         "per_image=True or smaller batches.")
+
+
+def row_too_long(dims: tuple[Any, ...]) -> jax.Array | bool:
+  """Whether a row of ``prod(dims)`` pixels passes 2**31 - 1, at run time.
+
+  Only symbolic sizes (``jax.export`` with shape polymorphism) need it;
+  concrete sizes raise in ``check_row_length`` when traced. The product is
+  built one factor at a time in int32 and compared before each multiply
+  (``size <= limit // d``), so it cannot wrap. An empty row is never too
+  long.
+  """
+  if all(isinstance(d, int) for d in dims):
+    return False
+  limit = 2**31 - 1
+  size, over, empty = jnp.int32(1), jnp.bool_(False), jnp.bool_(False)
+  for d in dims:
+    d = jnp.asarray(d, jnp.int32)
+    empty |= d == 0
+    over |= size > limit // jnp.maximum(d, 1)
+    size = jnp.where(over, 1, size * d)
+  return over & ~empty

@@ -9,7 +9,6 @@ and ``jax.jit(loss, static_argnames=...)`` all work.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
@@ -151,7 +150,7 @@ def lovasz_softmax(
       its counted classes (0 if their weights sum to 0).
     from_logits: if False, ``logits`` are already probabilities.
     class_chunk_size: memory-lean mode. Process this many classes at a time
-      (``lax.map`` over chunks of classes) instead of all at once: the
+      (a ``lax.scan`` over chunks of classes) instead of all at once: the
       compiled loss+grad then holds the sort keys of one chunk rather than of
       every class, at some speed cost (see the README's performance section).
       ``None`` (the default) processes all classes together.
@@ -211,10 +210,9 @@ def lovasz_softmax(
                             f"logits with {num_classes} classes")
   if not from_logits:
     _inputs.check_probabilities(logits, labels, ignore_index, where, axis)
-  row = math.prod(expected[1:] if per_image else expected)
-  if axis_name is not None and not per_image:
-    row *= math.prod(lax.axis_size(a) for a in axis_name)
-  _inputs.check_row_length(row, "lovasz_softmax")
+  _inputs.check_row_length(
+      _inputs.row_dims(expected[1:] if per_image else expected, axis_name,
+                       split=not per_image), "lovasz_softmax")
   return _softmax_impl(
       logits, labels, where, class_weights, axis=axis, classes=class_ids,
       per_image=per_image, ignore_index=ignore_index, from_logits=from_logits,
@@ -240,6 +238,9 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   bad |= (_inputs.bad_logits(x, valid[..., None]) if from_logits
           else _inputs.bad_probabilities(x, valid[..., None]))
   bad |= _inputs.bad_class_weights(class_weights)
+  bad |= _inputs.row_too_long(_inputs.row_dims(
+      labels.shape[1:] if per_image else labels.shape, axis_name,
+      split=not per_image))
   nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
   labels = _inputs.narrow_labels(labels, valid, 0, num_classes)
   x = jnp.where(valid[..., None], _inputs.nan_gradient_if(x, nan_if_bad), 0)
@@ -271,8 +272,8 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
 # the weight array: the backward pass recomputes the probabilities from the
 # logits and forms d loss / d logits in one pass, never materialising the
 # probabilities' cotangent. With class_chunk_size, classes are processed a
-# chunk at a time (lax.map, then the remaining classes), so the forward pass
-# holds the keys of one chunk.
+# chunk at a time (a lax.scan writing each chunk's weights into one [G, C, P]
+# array), so the forward pass holds the keys of one chunk.
 # Unselected classes are rows with no valid pixel: they cost no ordering.
 
 

@@ -114,7 +114,10 @@ def confusion_matrix(
 
   Counts: the matrix is int32, exact up to 2**31 - 1 per entry. One call
   cannot pass that: it raises ``ValueError`` for inputs of 2**31 pixels or
-  more (split the batch), and for ``num_classes`` above 46340. A sum of
+  more (split the batch), and for ``num_classes`` above 46340. (With
+  symbolic sizes, under ``jax.export``, the size is checked when the program
+  runs: past the limit every entry is -1, which :func:`iou_per_class` and
+  :func:`mean_iou` reject, or turn into NaN under ``jax.jit``.) A sum of
   matrices can: summed in int32 (as JAX does by default), an entry past
   2**31 - 1 wraps to negative counts, about 2,000 images of 1024x1024 pixels
   for one class. To score a whole data set, accumulate on the host in NumPy
@@ -151,7 +154,7 @@ def confusion_matrix(
         f"predictions and labels must have the same shape, got predictions "
         f"{predictions.shape} and labels {labels.shape}. Pass class ids "
         "(jnp.argmax(logits, axis=-1)), not logits.")
-  if labels.size > _INT32_MAX:
+  if isinstance(labels.size, int) and labels.size > _INT32_MAX:
     raise ValueError(
         f"confusion_matrix counts at most 2**31 - 1 pixels per call (int32 "
         f"counts), got {labels.size}. Split the batch and add the matrices in "
@@ -183,6 +186,9 @@ def _confusion_impl(predictions, labels, where, *, num_classes, ignore_index):
                     num_classes * num_classes)
   counts = jnp.zeros(num_classes * num_classes, jnp.int32)
   counts = counts.at[index].add(1, mode="drop")
+  # Symbolic sizes (jax.export) are checked here, not when traced: past
+  # 2**31 - 1 pixels every entry is -1, which the IoU functions reject.
+  counts = jnp.where(_inputs.row_too_long(labels.shape), -1, counts)
   return counts.reshape(num_classes, num_classes)
 
 

@@ -138,7 +138,9 @@ def _flat(index: jax.Array, width: int) -> jax.Array:
 
 
 def _fits(rows: int, width: int) -> bool:
-  return rows * width <= np.iinfo(np.int32).max
+  """Whether flat int32 indices fit; not for symbolic sizes (jax.export)."""
+  size = rows * width
+  return isinstance(size, int) and size <= np.iinfo(np.int32).max
 
 
 def pixel_index(shape: tuple[int, ...]) -> tuple[jax.Array, bool]:

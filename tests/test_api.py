@@ -142,3 +142,43 @@ def test_forward_mode_and_second_order():
                                          * jnp.ones((1, 1, 3), jnp.int32), axis=-1)
   _, tangent = jax.jvp(g, (x,), (jnp.ones_like(x),))
   np.testing.assert_allclose(tangent, jnp.sum(jax.grad(g)(x)), rtol=1e-5)
+
+
+# A row (one class of the batch, or of one image with per_image=True) is
+# counted in int32, so it may hold at most 2**31 - 1 pixels. Concrete sizes
+# are checked when traced (eval_shape: nothing is allocated).
+
+BIG = 2**31
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("loss", ["lovasz_softmax", "lovasz_sigmoid"])
+def test_rows_past_int32_raise_when_traced(loss, per_image):
+  batch = 2   # in batch mode the row is the batch's two images together
+
+  def trace(pixels):
+    x = jax.ShapeDtypeStruct((batch, pixels, 2), jnp.float32)
+    if loss == "lovasz_softmax":
+      y = jax.ShapeDtypeStruct((batch, pixels), jnp.int32)
+      fn = lambda x, y: lovasz_jax.lovasz_softmax(x, y, per_image=per_image)
+    else:
+      y = jax.ShapeDtypeStruct((batch, pixels, 2), jnp.int32)
+      fn = lambda x, y: lovasz_jax.lovasz_sigmoid(x, y, axis=-1, per_image=per_image)
+    return jax.eval_shape(fn, x, y)
+
+  with pytest.raises(ValueError, match=f"{loss} has {BIG} pixels in one row"):
+    trace(BIG if per_image else BIG // 2)
+  trace(BIG - 1 if per_image else BIG // 2 - 1)   # fewer pixels trace
+
+
+@pytest.mark.parametrize("dims", [(65536, 32768, 1), (65536, 32767, 1), (2**31 - 1, 1),
+                                  (46341, 46341), (46340, 46341), (65536, 65536, 0),
+                                  (3, 0, 2**31 - 1, 2**31 - 1), (7,)])
+def test_row_length_at_run_time_for_symbolic_sizes(dims):
+  # With symbolic sizes (jax.export) the check runs in the program: a row
+  # past 2**31 - 1 pixels makes the loss NaN. Traced ints stand in for the
+  # symbolic sizes; the product is formed without wrapping in int32.
+  from lovasz_jax import _inputs  # pylint: disable=import-outside-toplevel
+  too_long = jax.jit(lambda *d: _inputs.row_too_long(d))(*dims)
+  assert bool(too_long) == (0 not in dims and np.prod(dims, dtype=object) > 2**31 - 1)
+  assert _inputs.row_too_long(dims) is False   # concrete: checked when traced

@@ -8,6 +8,7 @@ that has imported lovasz_jax, which registers the target.
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -94,3 +95,95 @@ def test_exported_loss_runs_in_a_fresh_process_after_import(tmp_path):
   proc = run_python(CALL.format(imports=""), blob, data)
   assert proc.returncode != 0
   assert f"No FFI handler registered for {TARGET}" in proc.stderr, proc.stderr[-3000:]
+
+
+# Shape polymorphism: one export serves every batch and height. Sizes are
+# symbolic while the loss is traced, so no size may be compared in Python;
+# the exported program must give jit's value and gradient at several shapes,
+# on the native kernel and on the portable path.
+
+RNG = np.random.default_rng(0)
+SOFTMAX, SIGMOID = lovasz_jax.lovasz_softmax, lovasz_jax.lovasz_sigmoid
+POLY_CASES = {
+    "sort": (SOFTMAX, {}),
+    "histogram": (SOFTMAX, dict(method="histogram")),
+    "per_image": (SOFTMAX, dict(per_image=True)),
+    "lean": (SOFTMAX, dict(class_chunk_size=3)),
+    "per_image_histogram_lean": (SOFTMAX, dict(per_image=True, method="histogram",
+                                               class_chunk_size=1)),
+    "sigmoid_multilabel": (SIGMOID, dict(axis=-1)),
+    "sigmoid_binary_histogram": (SIGMOID, dict(method="histogram")),
+    "hinge": (lovasz_jax.lovasz_hinge, {}),
+}
+
+
+def _custom_calls(exported):
+  """The program's custom-call targets, less those of export itself.
+
+  With symbolic sizes, jax.export adds shape assertions and StableHLO's
+  dynamic ops (``stablehlo.dynamic_*``, refined to static ops when the
+  program is called with concrete shapes).
+  """
+  targets = set(re.findall(r"custom_call @([\w.]+)", exported.mlir_module()))
+  return {t for t in targets if t != "shape_assertion" and not t.startswith("stablehlo.")}
+
+
+def _poly_specs(fn, kw):
+  b, h = export.symbolic_shape("b, h")
+  multi = fn is SOFTMAX or kw.get("axis") == -1
+  x = jax.ShapeDtypeStruct((b, h, 6) + ((4,) if multi else ()), np.float32)
+  y = jax.ShapeDtypeStruct((b, h, 6) + ((4,) if multi and fn is not SOFTMAX else ()),
+                           np.int32)
+  return x, y
+
+
+def _poly_args(fn, kw, batch, height):
+  multi = fn is SOFTMAX or kw.get("axis") == -1
+  x = RNG.normal(size=(batch, height, 6) + ((4,) if multi else ())).astype(np.float32)
+  if fn is SOFTMAX:
+    y = RNG.integers(0, 4, (batch, height, 6)).astype(np.int32)
+  else:
+    y = (RNG.random(x.shape) < 0.3).astype(np.int32)
+  return x, y
+
+
+@pytest.mark.parametrize("name", POLY_CASES)
+def test_shape_polymorphic_export_matches_jit(path, name):
+  fn, kw = POLY_CASES[name]
+  f = jax.jit(jax.value_and_grad(lambda x, y: fn(x, y, **kw)))
+  checks = [export.DisabledSafetyCheck.custom_call(t)
+            for t in lovasz_jax.CPU_CUSTOM_CALL_TARGETS]
+  exported = export.export(f, platforms=["cpu"], disabled_checks=checks)(
+      *_poly_specs(fn, kw))
+  calls = _custom_calls(exported)
+  if path == "native":
+    assert calls and calls <= set(lovasz_jax.CPU_CUSTOM_CALL_TARGETS), calls
+  else:
+    assert not calls, calls
+  for batch, height in [(1, 3), (3, 5), (2, 1)]:  # symbolic sizes are >= 1
+    x, y = _poly_args(fn, kw, batch, height)
+    loss, grad = exported.call(x, y)
+    want_loss, want_grad = f(x, y)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-9)
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", POLY_CASES)
+def test_shape_polymorphic_export_lowers_for_accelerators(platform, name):
+  fn, kw = POLY_CASES[name]
+  f = jax.jit(jax.value_and_grad(lambda x, y: fn(x, y, **kw)))
+  exported = export.export(f, platforms=[platform])(*_poly_specs(fn, kw))
+  assert exported.platforms == (platform,)
+  assert not _custom_calls(exported)
+
+
+def test_shape_polymorphic_export_of_the_metrics():
+  b, h = export.symbolic_shape("b, h")
+  ids = jax.ShapeDtypeStruct((b, h), np.int32)
+  f = jax.jit(lambda p, y: lovasz_jax.confusion_matrix(p, y, 4, ignore_index=3))
+  exported = export.export(f)(ids, ids)
+  for shape in [(1, 1), (3, 5)]:
+    p, y = (RNG.integers(0, 4, shape).astype(np.int32) for _ in range(2))
+    np.testing.assert_array_equal(exported.call(p, y), f(p, y))
