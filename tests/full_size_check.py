@@ -12,41 +12,33 @@ Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   python -m tests.full_size_check --path native|portable
 """
 
-import argparse
 import contextlib
 import functools
-import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lovasz_jax
-from lovasz_jax import _order
+from tests import sharded_check
 
 SHAPE = (16, 256, 256, 21)
 RTOL = 1e-5
 
 
 def main():
-  assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), (
-      "run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--path", choices=["native", "portable"], default="native")
-  args = parser.parse_args()
+  path = sharded_check.path_from_command_line()
   rng = np.random.default_rng(0)
   logits = rng.normal(size=SHAPE).astype(np.float32)
   labels = rng.integers(0, SHAPE[-1], SHAPE[:-1]).astype(np.int32)
   labels[:, :32] = 255                                  # some void pixels
   labels[labels == 7] = 3                               # an absent class
   methods = {"exact": {}, "histogram": dict(method="histogram", num_bins=4096)}
-  meshes = {"explicit": jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,)),
-            "auto": jax.sharding.Mesh(np.array(jax.devices()), ("data",))}
+  meshes = sharded_check._meshes()   # explicit and automatic, over "data"
   failures = []
-  with _order.use_path("native" if args.path == "native" else "sort2"):
+  with sharded_check.use_path(path):
     for method, kwargs in methods.items():
       loss = functools.partial(lovasz_jax.lovasz_softmax, ignore_index=255, **kwargs)
       step = jax.jit(jax.value_and_grad(loss))
@@ -74,7 +66,7 @@ def main():
         v_err = abs(float(v8) - float(v1)) / abs(float(v1))
         g_err = float(np.max(np.abs(np.asarray(g8) - g1))) / scale
         ok = v_err <= RTOL and g_err <= RTOL
-        print(f"{args.path:9s} {method:9s} {kind:9s} loss {float(v8):.7f} vs {float(v1):.7f} "
+        print(f"{path:9s} {method:9s} {kind:9s} loss {float(v8):.7f} vs {float(v1):.7f} "
               f"(rel. {v_err:.1e}), gradient max abs diff / max abs {g_err:.1e} "
               f"{'ok' if ok else 'FAIL'}", flush=True)
         if not ok:

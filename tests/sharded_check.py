@@ -283,19 +283,29 @@ def export_checks(out):
         "devices": exported.nr_devices, **_lowering_counts(exported.mlir_module())}
 
 
-def main():
+def path_from_command_line():
+  """``--path native|portable``; the 8 host devices must be set already."""
   assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), (
       "run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
   parser = argparse.ArgumentParser()
   parser.add_argument("--path", choices=["native", "portable"], default="native")
-  args = parser.parse_args()
-  out = {"devices": jax.device_count(), "path": args.path}
-  with _order.use_path("native" if args.path == "native" else "sort2"):
+  return parser.parse_args().path
+
+
+def use_path(path):
+  """The row kernel of ``path``: the native kernel, or the portable sort2."""
+  return _order.use_path("native" if path == "native" else "sort2")
+
+
+def main():
+  path = path_from_command_line()
+  out = {"devices": jax.device_count(), "path": path}
+  with use_path(path):
     jit_checks(out)
     many_rows_checks(out)
     shard_map_checks(out)
     memory_checks(out)
-    if args.path == "portable":
+    if path == "portable":
       export_checks(out)
   print(json.dumps(out))
 
