@@ -29,7 +29,7 @@ FLOOR_TESTS := test_api.py test_export.py test_extension.py test_hinge.py \
 FLOOR_PYTEST_ARGS := -k 'not test_compiled_temp_memory'
 
 .PHONY: test demo bench bench-gpu lint dist check-wheel check-floor check-no-compiler \
-  check-full-size ci-extra \
+  check-full-size check-multihost ci-extra \
   clean
 
 $(BIN)/python:
@@ -119,8 +119,16 @@ check-full-size: $(VENV)/.test
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 	  $(BIN)/python -m tests.full_size_check --path portable
 
+# Two processes x 4 CPU devices on localhost (jax.distributed, gloo): every
+# loss and metric on global arrays that span both processes, eagerly, under
+# jit, under set_mesh and in shard_map, on both paths, against one process's
+# result; bad input raises the same error on both. Each worker has a time
+# limit, so a hang fails (tests/multihost_check.py).
+check-multihost: $(VENV)/.test
+	$(BIN)/python -m tests.multihost_check
+
 # What CI runs after `make test`.
-ci-extra: lint check-full-size check-wheel check-floor check-no-compiler
+ci-extra: lint check-full-size check-multihost check-wheel check-floor check-no-compiler
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist lovasz_jax/_cpu_kernel*.so $(CHECK_DIR)

@@ -33,13 +33,14 @@ from lovasz_jax._losses import reduce_rows
 
 SIGMOID_STATIC_ARGNAMES = (
     "axis", "classes", "per_image", "ignore_index", "from_logits", "method",
-    "num_bins", "axis_name")
+    "num_bins", "axis_name", "image_axis_name")
 HINGE_STATIC_ARGNAMES = (
-    "axis", "classes", "per_image", "ignore_index", "axis_name")
+    "axis", "classes", "per_image", "ignore_index", "axis_name",
+    "image_axis_name")
 
 
 def _check(logits, labels, where, axis, classes, per_image, ignore_index,
-           axis_name, name, what):
+           axis_name, image_axis_name, name, what):
   """Validates the inputs shared by both losses; returns canonical values."""
   logits = _inputs.as_float(logits, "logits")
   labels = _inputs.as_int(labels, "labels")
@@ -75,17 +76,20 @@ def _check(logits, labels, where, axis, classes, per_image, ignore_index,
     classes = _inputs.check_classes(classes, num_channels)
   where = _inputs.check_where(where, labels.shape, "labels")
   axis_name = _inputs.check_axis_name(axis_name)
+  image_axis_name = _inputs.check_image_axis_name(image_axis_name, axis_name)
   _inputs.check_label_range(labels, 0, 2, ignore_index, where, what)
-  _inputs.check_row_length(_row_dims(logits.shape, axis, per_image, axis_name),
+  rows_axis = image_axis_name if per_image else axis_name
+  _inputs.check_row_length(_row_dims(logits.shape, axis, per_image, rows_axis),
                            name)
-  return logits, labels, where, axis, classes, per_image, ignore_index, axis_name
+  return (logits, labels, where, axis, classes, per_image, ignore_index,
+          axis_name, rows_axis)
 
 
-def _row_dims(shape, axis, per_image, axis_name):
+def _row_dims(shape, axis, per_image, rows_axis):
   """The sizes whose product is a row's length (``_inputs.row_dims``)."""
   skip = ({0} if per_image else set()) | (set() if axis is None else {axis})
   return _inputs.row_dims([d for i, d in enumerate(shape) if i not in skip],
-                          axis_name, split=not per_image)
+                          rows_axis)
 
 
 def _rows(a: jax.Array, axis: int | None, per_image: bool) -> jax.Array:
@@ -128,10 +132,13 @@ _ERRORS = {
 
 @functools.partial(jax.jit, static_argnames=(
     "errors", "axis", "classes", "per_image", "ignore_index", "num_bins",
-    "axis_name"))
+    "axis_name", "rows_axis"))
 def _impl(logits, labels, where, *, errors, axis, classes, per_image,
-          ignore_index, num_bins=0, axis_name=None):
+          ignore_index, num_bins=0, axis_name=None, rows_axis=None):
   dtype = _inputs.compute_dtype(logits.dtype)
+  # On an explicit mesh the labels and mask follow the logits' layout.
+  labels = _sharding.match(labels, _sharding.spec_of(logits), logits)
+  where = _sharding.match(where, _sharding.spec_of(logits), logits)
   valid = _inputs.valid_mask(labels, ignore_index, where)
   bad = _inputs.has_bad_labels(labels, valid, 0, 2)
   labels = _inputs.narrow_labels(labels, valid, 0, 2)
@@ -147,13 +154,13 @@ def _impl(logits, labels, where, *, errors, axis, classes, per_image,
   # the channels that take part. Void pixels take part in nothing.
   bad |= (_inputs.bad_probabilities(x, val) if errors == "probabilities"
           else _inputs.bad_logits(x, val))
-  bad |= _inputs.row_too_long(_row_dims(logits.shape, axis, per_image, axis_name))
+  bad |= _inputs.row_too_long(_row_dims(logits.shape, axis, per_image, rows_axis))
   nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
   x = jnp.where(val, _inputs.nan_gradient_if(x, nan_if_bad), 0)
   fg = lab == 1
   # With axis_name, batch-mode rows are split over the devices; per_image
-  # rows are whole, and only the mean over images crosses devices.
-  rows_axis = None if per_image else axis_name
+  # rows are whole (or split over image_axis_name), and the mean over
+  # images crosses devices.
   losses = _distribute.row_losses(_ERRORS[errors](x, fg), fg, val, num_bins,
                                   rows_axis, not per_image)       # [G, K]
   if classes == "present":
@@ -178,6 +185,7 @@ def lovasz_sigmoid(
     method: str = "sort",
     num_bins: int = 4096,
     axis_name: str | tuple[str, ...] | None = None,
+    image_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""The Lovász sigmoid loss, binary or multi-label.
 
@@ -233,6 +241,11 @@ def lovasz_sigmoid(
     method: ``"sort"`` (exact) or ``"histogram"`` (sort-free, within
       ``1 / (2 num_bins)`` of the exact loss; see :func:`lovasz_softmax`).
     num_bins: the number of bins of ``method="histogram"``.
+    axis_name: inside ``jax.shard_map``, the mesh axes over which the
+      arguments are split (see :func:`lovasz_softmax`).
+    image_axis_name: with ``per_image=True`` inside ``shard_map``, the axes
+      among ``axis_name`` that split each image's pixels; without it every
+      device is taken to hold whole images (see :func:`lovasz_softmax`).
 
   Returns:
     A scalar loss, in float32 (float64 for float64 logits).
@@ -257,17 +270,17 @@ def lovasz_sigmoid(
   """
   from_logits = _inputs.check_static_bool(from_logits, "from_logits")
   num_bins = _inputs.check_method(method, num_bins)
-  logits, labels, where, axis, classes, per_image, ignore_index, axis_name = (
-      _check(logits, labels, where, axis, classes, per_image, ignore_index,
-             axis_name, "lovasz_sigmoid",
-             "the Lovász sigmoid (labels must be 0 or 1)"))
+  (logits, labels, where, axis, classes, per_image, ignore_index, axis_name,
+   rows_axis) = _check(logits, labels, where, axis, classes, per_image,
+                       ignore_index, axis_name, image_axis_name,
+                       "lovasz_sigmoid", "the Lovász sigmoid (labels must be 0 or 1)")
   if not from_logits:
     _inputs.check_probabilities(logits, labels, ignore_index, where, None)
   return _impl(logits, labels, where,
                errors="sigmoid" if from_logits else "probabilities",
                axis=axis, classes=classes, per_image=per_image,
                ignore_index=ignore_index, num_bins=num_bins,
-               axis_name=axis_name)
+               axis_name=axis_name, rows_axis=rows_axis)
 
 
 def lovasz_hinge(
@@ -280,6 +293,7 @@ def lovasz_hinge(
     ignore_index: int | None = None,
     where: jax.typing.ArrayLike | None = None,
     axis_name: str | tuple[str, ...] | None = None,
+    image_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""The Lovász hinge loss, binary or multi-label.
 
@@ -325,6 +339,11 @@ def lovasz_hinge(
       whole batch is one group.
     ignore_index: label value of void pixels.
     where: boolean mask of valid pixels, the logits' shape.
+    axis_name: inside ``jax.shard_map``, the mesh axes over which the
+      arguments are split (see :func:`lovasz_softmax`).
+    image_axis_name: with ``per_image=True`` inside ``shard_map``, the axes
+      among ``axis_name`` that split each image's pixels; without it every
+      device is taken to hold whole images (see :func:`lovasz_softmax`).
 
   Returns:
     A scalar loss; 0 (with zero gradient) when nothing is counted.
@@ -344,10 +363,10 @@ def lovasz_hinge(
   References:
     Berman, Rannen Triki & Blaschko, CVPR 2018, Sec. 3.1 (the Lovász hinge).
   """
-  logits, labels, where, axis, classes, per_image, ignore_index, axis_name = (
-      _check(logits, labels, where, axis, classes, per_image, ignore_index,
-             axis_name, "lovasz_hinge",
-             "the Lovász hinge (labels must be 0 or 1)"))
+  (logits, labels, where, axis, classes, per_image, ignore_index, axis_name,
+   rows_axis) = _check(logits, labels, where, axis, classes, per_image,
+                       ignore_index, axis_name, image_axis_name,
+                       "lovasz_hinge", "the Lovász hinge (labels must be 0 or 1)")
   return _impl(logits, labels, where, errors="hinge", axis=axis,
                classes=classes, per_image=per_image, ignore_index=ignore_index,
-               axis_name=axis_name)
+               axis_name=axis_name, rows_axis=rows_axis)

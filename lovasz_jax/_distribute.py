@@ -197,6 +197,35 @@ def _context_axes() -> tuple[Any, tuple[str, ...]]:
   return mesh, auto
 
 
+def _shard_map(fn, mesh, in_specs, out_specs):
+  """``jax.shard_map`` of ``fn`` over the explicit axes of ``mesh``.
+
+  With no automatic axes, ``axis_names`` is left empty so that ``shard_map``
+  takes every axis but those that an enclosing ``jax.vmap`` over a sharded
+  axis already maps (its batching rule keeps that axis split).
+  """
+  auto = jax.sharding.AxisType.Auto
+  manual = frozenset(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                     if kind != auto)
+  if len(manual) == len(mesh.axis_names):
+    manual = frozenset()
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       axis_names=manual)
+
+
+def _pad_to_devices(x: jax.Array, spec: tuple, mesh) -> jax.Array:
+  """``x`` padded with zeros so that each split axis divides its devices.
+
+  Zero is a void pixel's key and a void pixel's mask, so padding changes
+  nothing that is computed; callers slice the padding off the results.
+  """
+  pads = []
+  for size, entry in zip(x.shape, spec):
+    n = math.prod(mesh.shape[a] for a in axis_names(entry))
+    pads.append((0, -size % n))
+  return jnp.pad(x, pads) if any(p for _, p in pads) else x
+
+
 def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
                 spans_batch: bool = False) -> tuple[jax.Array, jax.Array]:
   """Each pixel's Lovász weight (where the pixel is) and each row's loss.
@@ -217,9 +246,12 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
   axes = axis_names(axis_name)
   if axes:
     return split_rows(keys, num_bins, axes)
-  spec = _sharding.spec_of(keys)
-  if any(spec):  # explicit sharding: the mesh and layout are in the type
-    mesh = jax.typeof(keys).sharding.mesh
+  mesh = _sharding.explicit_mesh(keys)
+  if mesh is not None:
+    # Explicit sharding: the mesh and the layout are in the type (an empty
+    # spec too: a replicated array, or one example inside jax.vmap over a
+    # sharded axis, whose batching rule keeps that axis split).
+    spec = _sharding.spec_of(keys)
   else:
     mesh, auto = _context_axes()
     if not (spans_batch and auto):
@@ -228,12 +260,60 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
     # the pixels over the mesh's automatic axes (a local slice of a batch
     # sharded over them), and handle the split rows as inside shard_map.
     spec = (None,) * (keys.ndim - 1) + (auto,)
-  used = frozenset(a for entry in spec for a in axis_names(entry))
+  padded = _pad_to_devices(keys, spec, mesh)
   fn = functools.partial(split_rows, num_bins=num_bins,
                          axes=axis_names(spec[-1]))
-  return jax.shard_map(
-      fn, mesh=mesh, in_specs=P(*spec),
-      out_specs=(P(*spec), P(*spec[:-1])), axis_names=used)(keys)
+  w, losses = _shard_map(fn, mesh, P(*spec), (P(*spec), P(*spec[:-1])))(padded)
+  if padded.shape != keys.shape:
+    w = w[tuple(slice(0, n) for n in keys.shape)]
+    losses = losses[tuple(slice(0, n) for n in keys.shape[:-1])]
+  return w, losses
+
+
+def reduce_counts(fn: Any, arrays: tuple, *, keep: int = 0,
+                  axis_name: Any = None) -> jax.Array:
+  """Integer counts of ``arrays``, summed over the devices that split them.
+
+  The metrics' one rule: each device counts its own block, and only the
+  counts cross devices (one all-reduce); no pixel is gathered.
+
+  Args:
+    fn: ``fn(*blocks)`` counts the blocks of ``arrays`` (same-shaped arrays,
+      or None) into an integer array whose first ``keep`` axes are the
+      blocks' first ``keep`` axes (0: a total; 1: one count per image).
+    arrays: the inputs, all of one shape.
+    keep: how many leading axes the counts keep.
+    axis_name: inside ``shard_map``, the mesh axes to sum over (the axes
+      that split the counted pixels).
+
+  Returns:
+    The counts of the whole arrays: with ``axis_name``, the same on every
+    device over those axes; on an explicit mesh, laid out like the arrays'
+    first ``keep`` axes; otherwise as the partitioner lays them out.
+  """
+  axes = axis_names(axis_name)
+  if axes:
+    return lax.psum(fn(*arrays), axes)
+  present = [a for a in arrays if a is not None]
+  like = present[0]
+  mesh = _sharding.explicit_mesh(like)
+  if mesh is None:  # one device, automatic sharding, or none
+    return fn(*arrays)
+  spec = next((s for s in map(_sharding.spec_of, present) if any(s)),
+              _sharding.spec_of(like))
+  present = [_sharding.match(a, spec, like) for a in present]
+  summed = tuple(a for entry in spec[keep:] for a in axis_names(entry))
+  # (Explicit shardings always divide their axes: nothing to pad.)
+  slots = [a is not None for a in arrays]
+
+  def local(*blocks):
+    it = iter(blocks)
+    counts = fn(*(next(it) if s else None for s in slots))
+    return lax.psum(counts, summed) if summed else counts
+
+  counts = _shard_map(local, mesh, tuple(P(*spec) for _ in present),
+                      P(*spec[:keep]))(*present)
+  return counts
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))

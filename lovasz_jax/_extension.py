@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lovasz_jax import _sharding
+
 _KEY_DTYPES = {4: jnp.uint32, 8: jnp.uint64}
 
 # Counts are int32 (XLA's native integer on every backend), so a row may hold
@@ -252,5 +254,7 @@ def lovasz_grad(fg_sorted: jax.typing.ArrayLike) -> jax.Array:
   dtype = jnp.promote_types(
       fg_sorted.dtype if jnp.issubdtype(fg_sorted.dtype, jnp.floating)
       else jnp.float32, jnp.float32)
-  fg = fg_sorted.astype(bool)
+  # The running counts run along the last axis: it must not be split over
+  # devices of an explicit mesh.
+  fg = _sharding.whole_axis(fg_sorted.astype(bool), -1)
   return closed_form_weights(fg, jnp.ones_like(fg), dtype)

@@ -10,6 +10,7 @@ and a NaN gradient instead (``poison``).
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -158,6 +159,63 @@ def is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 
 
+def spans_processes(*xs) -> bool:
+  """Whether some array is split over devices that other processes own.
+
+  In a multi-process run (``jax.distributed``) no process can read such an
+  array whole, so the value checks below run as a small program on every
+  process instead, and every process raises the same error.
+  """
+  return any(isinstance(x, jax.Array) and not x.is_fully_addressable
+             and not x.is_fully_replicated for x in xs if x is not None)
+
+
+def host_array(x: Any) -> np.ndarray:
+  """A small concrete array (class weights, a confusion matrix) in NumPy.
+
+  An array split over several processes is gathered to every process first
+  (every process must make this call, as with any computation on it).
+  """
+  if spans_processes(x):
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+@jax.jit
+def bad_summary(values: jax.Array, bad: jax.Array):
+  """How many ``values[bad]`` there are, how many are NaN, and their range.
+
+  A few scalars, the same on every process: what a check of an array that
+  spans processes can report without gathering the array.
+  """
+  floating = jnp.issubdtype(values.dtype, jnp.floating)
+  nan = bad & jnp.isnan(values) if floating else jnp.zeros_like(bad)
+  rest = bad & ~nan
+  if floating:
+    top, bottom = jnp.array(jnp.inf, values.dtype), jnp.array(-jnp.inf, values.dtype)
+  else:
+    info = jnp.iinfo(values.dtype)
+    top, bottom = jnp.array(info.max, values.dtype), jnp.array(info.min, values.dtype)
+  return (jnp.sum(bad, dtype=jnp.int32), jnp.sum(nan, dtype=jnp.int32),
+          jnp.min(jnp.where(rest, values, top)),
+          jnp.max(jnp.where(rest, values, bottom)))
+
+
+def describe(summary) -> str | None:
+  """``bad_summary``'s verdict in words, or None when nothing is bad."""
+  count, nan, low, high = (np.asarray(v).item() for v in summary)
+  if not count:
+    return None
+  parts = []
+  if count > nan:
+    parts.append(f"{low}" if low == high else f"values from {low} to {high}")
+  if nan:
+    parts.append(f"{nan} NaN")
+  return (f"{count} entries ({', '.join(parts)}; the array spans several "
+          "processes, so only its range is shown)")
+
+
 def check_axis_name(axis_name: Any) -> tuple[str, ...] | None:
   """``axis_name``: None, a mesh axis name, or a tuple of names.
 
@@ -179,6 +237,21 @@ def check_axis_name(axis_name: Any) -> tuple[str, ...] | None:
           f"axis_name={axis_name!r}: axis {name!r} is not bound here. Pass "
           "axis_name only inside jax.shard_map over a mesh with that axis; "
           "under jax.jit with sharded inputs, leave it None.") from None
+  return names
+
+
+def check_image_axis_name(image_axis_name: Any,
+                          axis_name: tuple[str, ...] | None
+                          ) -> tuple[str, ...] | None:
+  """``image_axis_name``: mesh axes among ``axis_name`` that split images."""
+  if image_axis_name is None:
+    return None
+  names = check_axis_name(image_axis_name)
+  if axis_name is None or not set(names) <= set(axis_name):
+    raise ValueError(
+        f"image_axis_name={image_axis_name!r} must name mesh axes among "
+        f"axis_name={axis_name!r}: the axes of the shard_map that split each "
+        "image's pixels (the others split the batch).")
   return names
 
 
@@ -248,6 +321,13 @@ def check_label_range(labels: jax.Array, low: int, high: int,
   """
   if not is_concrete(labels, where):
     return
+  if spans_processes(labels, where):
+    found = describe(_global_bad_labels(labels, where, low=low, high=high,
+                                         ignore_index=ignore_index))
+    if found:
+      raise ValueError(
+          f"labels hold values outside [{low}, {high}) for {what}: {found}.")
+    return
   # NumPy only: inside a trace, jnp ops on constants would give tracers.
   lab = np.asarray(labels)
   valid = _np_valid(lab, ignore_index, where)
@@ -261,6 +341,12 @@ def check_label_range(labels: jax.Array, low: int, high: int,
         f"{_show(values)}." + hint)
 
 
+@functools.partial(jax.jit, static_argnames=("low", "high", "ignore_index"))
+def _global_bad_labels(labels, where, *, low, high, ignore_index):
+  bad = valid_mask(labels, ignore_index, where) & out_of_range(labels, low, high)
+  return bad_summary(labels, bad)
+
+
 def check_probabilities(probs: Any, labels: Any, ignore_index: int | None,
                         where: Any, channel_axis: int | None) -> None:
   """``from_logits=False``: valid pixels' values must lie in ``[0, 1]``.
@@ -269,6 +355,15 @@ def check_probabilities(probs: Any, labels: Any, ignore_index: int | None,
   ``channel_axis`` (softmax) every class of a valid pixel is checked.
   """
   if not is_concrete(probs, labels, where):
+    return
+  if spans_processes(probs, labels, where):
+    found = describe(_global_bad_probabilities(
+        probs, labels, where, ignore_index=ignore_index,
+        channel_axis=channel_axis))
+    if found:
+      raise ValueError(
+          "with from_logits=False the inputs must be probabilities in [0, 1], "
+          f"but valid pixels hold {found}. Pass from_logits=True for logits.")
     return
   p = np.asarray(probs)
   valid = _np_valid(np.asarray(labels), ignore_index, where)
@@ -281,6 +376,15 @@ def check_probabilities(probs: Any, labels: Any, ignore_index: int | None,
         "with from_logits=False the inputs must be probabilities in [0, 1], "
         f"but valid pixels hold {_show(np.unique(p[bad]))}. Pass "
         "from_logits=True for logits.")
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_index", "channel_axis"))
+def _global_bad_probabilities(probs, labels, where, *, ignore_index,
+                              channel_axis):
+  valid = valid_mask(labels, ignore_index, where)
+  if channel_axis is not None:
+    valid = jnp.expand_dims(valid, channel_axis)
+  return bad_summary(probs, valid & ~((probs >= 0) & (probs <= 1)))
 
 
 def bad_probabilities(probs: jax.Array, valid: jax.Array) -> jax.Array:
@@ -311,7 +415,7 @@ def check_class_weights(class_weights: Any, num_classes: int) -> jax.Array | Non
     raise TypeError(
         f"class_weights must be numeric, got dtype {class_weights.dtype}.")
   if is_concrete(class_weights):
-    w = np.asarray(class_weights, np.float64)
+    w = host_array(class_weights).astype(np.float64)
     bad = ~np.isfinite(w) | (w < 0)
     if bad.any():
       raise ValueError(
@@ -364,15 +468,15 @@ def _nan_gradient_if_jvp(primals, tangents):
   return x, tangents[0] * factor.astype(tangents[0].dtype)
 
 
-def row_dims(pixel_dims: Sequence[Any], axis_name: tuple[str, ...] | None,
-             split: bool) -> tuple[Any, ...]:
+def row_dims(pixel_dims: Sequence[Any],
+             split_axes: tuple[str, ...] | None) -> tuple[Any, ...]:
   """The sizes whose product is one row's length.
 
   ``pixel_dims`` are a row's dimensions on this device; rows split over the
-  devices along ``axis_name`` (batch mode in ``shard_map``) are that many
-  times longer. Sizes may be symbolic (``jax.export``).
+  devices along ``split_axes`` (inside ``shard_map``) are that many times
+  longer. Sizes may be symbolic (``jax.export``).
   """
-  devices = tuple(jax.lax.axis_size(a) for a in axis_name) if split and axis_name else ()
+  devices = tuple(jax.lax.axis_size(a) for a in split_axes or ())
   return tuple(pixel_dims) + devices
 
 

@@ -29,7 +29,7 @@ ClassesLike = Literal["present", "all"] | tuple[int, ...] | Sequence[int]
 
 SOFTMAX_STATIC_ARGNAMES = (
     "axis", "classes", "per_image", "ignore_index", "from_logits",
-    "class_chunk_size", "method", "num_bins", "axis_name")
+    "class_chunk_size", "method", "num_bins", "axis_name", "image_axis_name")
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -66,6 +66,13 @@ def reduce_rows(losses: jax.Array, counted: jax.Array,
   num = jnp.sum(jnp.where(group_counted, per_group, 0))
   den = jnp.sum(group_counted).astype(losses.dtype)
   if group_axis_name is not None:
+    # Typed as varying over every axis first: a group's loss is the same on
+    # the devices that split its image (image_axis_name), and is then summed
+    # once per such device in both sums, which leaves their ratio alone.
+    vary = _sharding.varying_axes(num)
+    missing = tuple(a for a in _distribute.axis_names(group_axis_name)
+                    if a not in vary)
+    num, den = (_sharding.pcast_varying(v, missing) for v in (num, den))
     num, den = lax.psum((num, den), group_axis_name)
   return _safe_div(num, den)
 
@@ -103,6 +110,7 @@ def lovasz_softmax(
     method: Literal["sort", "histogram"] = "sort",
     num_bins: int = 4096,
     axis_name: str | tuple[str, ...] | None = None,
+    image_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""The Lovász-Softmax loss: a convex surrogate of the mean of 1 - IoU.
 
@@ -162,6 +170,16 @@ def lovasz_softmax(
       the exact loss. Pixels of one bin and kind (foreground/background)
       share their average weight, a valid subgradient.
     num_bins: the number of bins of ``method="histogram"``.
+    axis_name: inside ``jax.shard_map``, the mesh axes (a name or a tuple of
+      names) over which the arguments are split; the loss is then that of
+      the global batch, the same on every device. Outside ``shard_map``
+      leave it None: sharded arguments are handled where they lie.
+    image_axis_name: with ``per_image=True`` inside ``shard_map``, the axes
+      among ``axis_name`` that split each image's pixels (for example the
+      height). A block does not say which of its dimensions were split, so
+      without it every device is taken to hold whole images (the batch
+      split over ``axis_name``); with images split, pass it, or each slab
+      would be scored as an image of its own.
 
   Returns:
     A scalar loss, in float32 (float64 for float64 logits).
@@ -206,28 +224,34 @@ def lovasz_softmax(
     class_chunk_size = _inputs.check_positive_int(class_chunk_size,
                                                   "class_chunk_size")
   axis_name = _inputs.check_axis_name(axis_name)
+  image_axis_name = _inputs.check_image_axis_name(image_axis_name, axis_name)
   _inputs.check_label_range(labels, 0, num_classes, ignore_index, where,
                             f"logits with {num_classes} classes")
   if not from_logits:
     _inputs.check_probabilities(logits, labels, ignore_index, where, axis)
+  rows_axis = image_axis_name if per_image else axis_name
   _inputs.check_row_length(
-      _inputs.row_dims(expected[1:] if per_image else expected, axis_name,
-                       split=not per_image), "lovasz_softmax")
+      _inputs.row_dims(expected[1:] if per_image else expected, rows_axis),
+      "lovasz_softmax")
   return _softmax_impl(
       logits, labels, where, class_weights, axis=axis, classes=class_ids,
       per_image=per_image, ignore_index=ignore_index, from_logits=from_logits,
       class_chunk_size=class_chunk_size, num_bins=num_bins,
-      axis_name=axis_name)
+      axis_name=axis_name, rows_axis=rows_axis)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "axis", "classes", "per_image", "ignore_index", "from_logits",
-    "class_chunk_size", "num_bins", "axis_name"))
+    "class_chunk_size", "num_bins", "axis_name", "rows_axis"))
 def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
                   per_image, ignore_index, from_logits, class_chunk_size,
-                  num_bins, axis_name):
+                  num_bins, axis_name, rows_axis):
   dtype = _inputs.compute_dtype(logits.dtype)
-  x = jnp.moveaxis(logits, axis, -1).astype(dtype)
+  # On an explicit mesh every pixel needs all its classes (the softmax), so
+  # a split class axis is gathered; the labels and mask follow the logits.
+  x = _sharding.whole_axis(jnp.moveaxis(logits, axis, -1).astype(dtype), -1)
+  labels = _sharding.match(labels, _sharding.spec_of(x)[:-1], x)
+  where = _sharding.match(where, _sharding.spec_of(x)[:-1], x)
   num_classes = x.shape[-1]
   valid = _inputs.valid_mask(labels, ignore_index, where)
   # Bad input is reported as a NaN loss and gradient: labels outside [0, C)
@@ -239,8 +263,7 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
           else _inputs.bad_probabilities(x, valid[..., None]))
   bad |= _inputs.bad_class_weights(class_weights)
   bad |= _inputs.row_too_long(_inputs.row_dims(
-      labels.shape[1:] if per_image else labels.shape, axis_name,
-      split=not per_image))
+      labels.shape[1:] if per_image else labels.shape, rows_axis))
   nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
   labels = _inputs.narrow_labels(labels, valid, 0, num_classes)
   x = jnp.where(valid[..., None], _inputs.nan_gradient_if(x, nan_if_bad), 0)
@@ -252,8 +275,8 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   lab = _groups(labels, per_image)                   # [G, P]
   val = _groups(valid, per_image)                    # [G, P]
   # With axis_name, batch-mode rows are split over the devices; per_image
-  # rows are whole, and only the mean over images crosses devices.
-  rows_axis = None if per_image else axis_name
+  # rows are whole (or split over image_axis_name), and the mean over
+  # images crosses devices.
   losses = _softmax_row_losses(x, lab, val, selected, from_logits,
                                class_chunk_size, num_bins, rows_axis,
                                not per_image)             # [G, C]

@@ -15,12 +15,14 @@ no count is truncated to int32.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lovasz_jax import _distribute
 from lovasz_jax import _inputs
 
 # The int32 counts and flat indices of confusion_matrix hold at most this.
@@ -63,6 +65,16 @@ def _check_ranges(predictions: Any, labels: Any, where: jax.Array | None,
   """
   _inputs.check_label_range(labels, 0, num_classes, ignore_index, where,
                             f"num_classes={num_classes}")
+  if _inputs.spans_processes(predictions, labels, where):
+    found = _inputs.describe(_global_bad_predictions(
+        jnp.asarray(predictions), labels, where, num_classes=num_classes,
+        ignore_index=ignore_index))
+    if found:
+      raise ValueError(
+          f"predictions hold values outside [0, {num_classes}) for num_classes="
+          f"{num_classes}: {found}. Predictions must be class ids, e.g. "
+          "jnp.argmax(logits, axis=-1).")
+    return
   # NumPy only: inside a trace, jnp ops on constants would give tracers.
   lab, pred = np.asarray(labels), np.asarray(predictions)
   valid = np.ones(lab.shape, bool) if where is None else np.asarray(where)
@@ -79,6 +91,14 @@ def _check_ranges(predictions: Any, labels: Any, where: jax.Array | None,
         "jnp.argmax(logits, axis=-1).")
 
 
+@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
+def _global_bad_predictions(predictions, labels, where, *, num_classes,
+                            ignore_index):
+  bad = (_inputs.valid_mask(labels, ignore_index, where)
+         & _inputs.out_of_range(predictions, 0, num_classes))
+  return _inputs.bad_summary(predictions, bad)
+
+
 def confusion_matrix(
     predictions: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -86,6 +106,7 @@ def confusion_matrix(
     *,
     ignore_index: int | None = None,
     where: jax.typing.ArrayLike | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   """The ``[C, C]`` confusion matrix of integer predictions against labels.
 
@@ -111,6 +132,14 @@ def confusion_matrix(
     ignore_index: label value of void pixels; they are not counted.
     where: optional boolean mask of the predictions' shape; pixels where it is
       false are not counted. Combines with ``ignore_index``.
+    axis_name: inside ``jax.shard_map``, the mesh axes (a name or a tuple of
+      names) over which the pixels are split: each device counts its own
+      block, and the matrix is summed over those axes (one all-reduce of
+      ``C * C`` counts), so every device returns the global counts. Outside
+      ``shard_map`` leave it None: sharded arguments (explicit or automatic
+      meshes, under ``jax.jit`` or ``jax.set_mesh``, eagerly, across
+      processes) are counted where they lie, and only the counts cross
+      devices.
 
   Counts: the matrix is int32, exact up to 2**31 - 1 per entry. One call
   cannot pass that: it raises ``ValueError`` for inputs of 2**31 pixels or
@@ -154,22 +183,35 @@ def confusion_matrix(
         f"predictions and labels must have the same shape, got predictions "
         f"{predictions.shape} and labels {labels.shape}. Pass class ids "
         "(jnp.argmax(logits, axis=-1)), not logits.")
-  if isinstance(labels.size, int) and labels.size > _INT32_MAX:
+  axis_name = _inputs.check_axis_name(axis_name)
+  dims = _inputs.row_dims(labels.shape, axis_name)
+  if all(isinstance(d, int) for d in dims) and math.prod(dims) > _INT32_MAX:
     raise ValueError(
         f"confusion_matrix counts at most 2**31 - 1 pixels per call (int32 "
-        f"counts), got {labels.size}. Split the batch and add the matrices in "
-        "NumPy int64.")
+        f"counts), got {math.prod(dims)}. Split the batch and add the matrices "
+        "in NumPy int64.")
   ignore_index = _inputs.check_ignore_index(ignore_index)
   where = _inputs.check_where(where, labels.shape, "labels")
   if _inputs.is_concrete(predictions, labels, where):
-    _check_ranges(np.asarray(raw_predictions), np.asarray(raw_labels), where,
-                  num_classes, ignore_index)
+    _check_ranges(raw_predictions, raw_labels, where, num_classes,
+                  ignore_index)
   return _confusion_impl(predictions, labels, where, num_classes=num_classes,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index, axis_name=axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
-def _confusion_impl(predictions, labels, where, *, num_classes, ignore_index):
+@functools.partial(jax.jit,
+                   static_argnames=("num_classes", "ignore_index", "axis_name"))
+def _confusion_impl(predictions, labels, where, *, num_classes, ignore_index,
+                    axis_name):
+  count = functools.partial(_count_block, num_classes=num_classes,
+                            ignore_index=ignore_index)
+  counts = _distribute.reduce_counts(count, (predictions, labels, where),
+                                     axis_name=axis_name)
+  return counts.reshape(num_classes, num_classes)
+
+
+def _count_block(predictions, labels, where, *, num_classes, ignore_index):
+  """The ``[C * C]`` counts of one block of pixels (one device's)."""
   labels = labels.reshape(-1)
   predictions = predictions.reshape(-1)
   if where is not None:
@@ -188,8 +230,7 @@ def _confusion_impl(predictions, labels, where, *, num_classes, ignore_index):
   counts = counts.at[index].add(1, mode="drop")
   # Symbolic sizes (jax.export) are checked here, not when traced: past
   # 2**31 - 1 pixels every entry is -1, which the IoU functions reject.
-  counts = jnp.where(_inputs.row_too_long(labels.shape), -1, counts)
-  return counts.reshape(num_classes, num_classes)
+  return jnp.where(_inputs.row_too_long(labels.shape), -1, counts)
 
 
 def _as_confusion(confusion: jax.typing.ArrayLike) -> np.ndarray | jax.Array:
@@ -202,7 +243,7 @@ def _as_confusion(confusion: jax.typing.ArrayLike) -> np.ndarray | jax.Array:
       isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(confusion)):
     confusion = jnp.asarray(confusion)  # e.g. a list of traced scalars
   if not isinstance(confusion, jax.core.Tracer):
-    confusion = np.asarray(confusion)
+    confusion = _inputs.host_array(confusion)
   dtype = confusion.dtype
   if not (jnp.issubdtype(dtype, jnp.integer)
           or jnp.issubdtype(dtype, jnp.floating)):

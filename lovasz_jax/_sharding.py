@@ -20,6 +20,20 @@ def spec_of(x: jax.Array) -> tuple:
   return spec + (None,) * (x.ndim - len(spec))
 
 
+def explicit_mesh(x: jax.Array):
+  """The mesh in ``x``'s type if it has explicit axes, else None.
+
+  Arrays on an explicit mesh carry it in their type even where their own
+  spec is empty: a replicated array, or the per-example view of an array
+  inside ``jax.vmap`` over a sharded axis. Their reshapes, sorts and
+  scatters must then be typed, or run inside ``shard_map`` over that mesh.
+  """
+  mesh = jax.typeof(x).sharding.mesh
+  if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
+  return mesh
+
+
 def named(x: jax.Array, spec) -> NamedSharding:
   return NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec(*spec))
 
@@ -27,6 +41,33 @@ def named(x: jax.Array, spec) -> NamedSharding:
 def reshard(x: jax.Array, spec, like: jax.Array | None = None) -> jax.Array:
   """``x`` with partition ``spec`` on the mesh of ``like`` (default ``x``)."""
   return jax.sharding.reshard(x, named(x if like is None else like, spec))
+
+
+def match(x: jax.Array | None, spec, like: jax.Array) -> jax.Array | None:
+  """``x`` laid out with ``spec`` on ``like``'s explicit mesh (if any).
+
+  A no-op unless ``like`` is on an explicit mesh and ``x``'s spec differs:
+  the labels and masks of a loss then follow the logits' layout.
+  """
+  if x is None or explicit_mesh(like) is None or spec_of(x) == tuple(spec):
+    return x
+  return reshard(x, spec, like=like)
+
+
+def whole_axis(x: jax.Array, axis: int) -> jax.Array:
+  """``x`` with ``axis`` not split over devices (explicit meshes only).
+
+  Used for the class axis of the softmax logits: each pixel needs all its
+  classes (the softmax), so a class axis split over a mesh axis (a
+  tensor-parallel last layer) is gathered, and its gradient is split again
+  on the way back.
+  """
+  spec = spec_of(x)
+  if explicit_mesh(x) is None or spec[axis] is None:
+    return x
+  spec = list(spec)
+  spec[axis] = None
+  return reshard(x, spec)
 
 
 def reshape(x: jax.Array, shape: tuple[int, ...], spec) -> jax.Array:
@@ -59,7 +100,7 @@ def merge_axes(x: jax.Array, runs: tuple[int, ...]) -> jax.Array:
   starts = [sum(runs[:i]) for i in range(len(runs))]
   shape = tuple(math.prod(x.shape[s:s + r]) for s, r in zip(starts, runs))
   spec = spec_of(x)
-  if not any(spec):  # unsharded, or sharding left to the compiler
+  if explicit_mesh(x) is None:  # sharding left to the compiler, or none
     return x.reshape(shape)
   inner = [i for s, r in zip(starts, runs) for i in range(s + 1, s + r)]
   if any(spec[i] for i in inner):

@@ -34,9 +34,8 @@ def x64():
     yield
 
 
-@pytest.fixture(scope="session")
-def sharded_results():
-  """tests/sharded_check.py on 8 host devices, on both paths, side by side.
+def _run_on_8_devices(module):
+  """``python -m module --path P`` on 8 host devices, for both paths at once.
 
   Each path runs in its own process (the device-count flag must be set
   before JAX starts); the JSON they print is keyed by path.
@@ -45,7 +44,7 @@ def sharded_results():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   env.pop("LOVASZ_JAX_CPU_KERNEL", None)
   paths = [p for p in PATHS if p != "native" or _cpu.available()]
-  procs = {p: subprocess.Popen([sys.executable, "-m", "tests.sharded_check", "--path", p],
+  procs = {p: subprocess.Popen([sys.executable, "-m", module, "--path", p],
                                cwd=root, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for p in paths}
   out = {}
@@ -56,3 +55,15 @@ def sharded_results():
     assert proc.returncode == 0, stderr[-3000:]
     out[p] = json.loads(stdout.strip().splitlines()[-1])
   return out
+
+
+@pytest.fixture(scope="session")
+def sharded_results():
+  """tests/sharded_check.py on 8 host devices, on both paths, side by side."""
+  return _run_on_8_devices("tests.sharded_check")
+
+
+@pytest.fixture(scope="session")
+def layout_results():
+  """tests/layout_check.py on 8 host devices, on both paths, side by side."""
+  return _run_on_8_devices("tests.layout_check")
