@@ -15,12 +15,14 @@ from lovasz_jax._losses import SOFTMAX_STATIC_ARGNAMES as SOFTMAX_STATIC_ARGNAME
 from lovasz_jax._metrics import confusion_matrix as confusion_matrix
 from lovasz_jax._metrics import iou_per_class as iou_per_class
 from lovasz_jax._metrics import mean_iou as mean_iou
+from lovasz_jax._streaming import IoUState as IoUState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CPU_CUSTOM_CALL_TARGETS",
     "HINGE_STATIC_ARGNAMES",
+    "IoUState",
     "SIGMOID_STATIC_ARGNAMES",
     "SOFTMAX_STATIC_ARGNAMES",
     "confusion_matrix",
