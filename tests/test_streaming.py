@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -381,6 +382,21 @@ def test_out_of_range_ids_under_jit_are_not_counted():
   np.testing.assert_array_equal(state.confusion_matrix(),
                                 [[1, 0, 0], [0, 1, 0], [0, 0, 0]])
   assert float(state.per_image_miou()) == 1.0
+
+
+# Documentation -----------------------------------------------------------------
+
+DOCS = pathlib.Path(__file__).parent.parent / "docs" / "streaming_metrics.md"
+
+
+def test_docs_python_blocks_run(capsys):
+  blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+  assert len(blocks) >= 4
+  for block in blocks:
+    if "flax" in block:
+      pytest.importorskip("flax")
+    exec(compile(block, str(DOCS), "exec"), {})  # pylint: disable=exec-used
+  assert "per-image mIoU" in capsys.readouterr().out
 
 
 # Sharded updates (8 host devices, in a subprocess) ---------------------------
