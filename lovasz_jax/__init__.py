@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CPU_CUSTOM_CALL_TARGETS",
     "HINGE_STATIC_ARGNAMES",
-    "IoUState",
     "SIGMOID_STATIC_ARGNAMES",
     "SOFTMAX_STATIC_ARGNAMES",
+    "IoUState",
     "confusion_matrix",
     "iou_per_class",
     "lovasz_grad",

@@ -210,7 +210,7 @@ def image_mious(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _update_impl(state, predictions, labels, where, *, num_classes,
                  ignore_index, axis_name):
   arrays = (predictions, labels, where)
-  options = dict(num_classes=num_classes, ignore_index=ignore_index)
+  options = {"num_classes": num_classes, "ignore_index": ignore_index}
   halves = reduce_counts(functools.partial(_confusion_halves, **options),
                          arrays, keep=0, axis_name=axis_name)
   # Images are whole on each device: with axis_name (shard_map over the
@@ -239,7 +239,9 @@ def _check_state(state: Any, name: str = "state") -> IoUState:
   return state
 
 
-def _batch(labels, predictions, logits, axis, where, num_classes):
+def _batch(labels: Any, predictions: Any, logits: Any, axis: Any, where: Any,
+           num_classes: int
+           ) -> tuple[jax.Array, jax.Array, jax.Array | None, Any, Any]:
   """Validated (predictions, labels, where, raw predictions, raw labels)."""
   if (predictions is None) == (logits is None):
     got = "both" if predictions is not None else "neither"
@@ -288,8 +290,8 @@ def _batch(labels, predictions, logits, axis, where, num_classes):
     raise ValueError(
         f"an update scores at most 2**24 images (labels.shape[0]), got "
         f"{labels.shape[0]}. Split the batch.")
-  where = _inputs.check_where(where, labels.shape, "labels")
-  return predictions, labels, where, raw_predictions, raw_labels
+  mask = _inputs.check_where(where, labels.shape, "labels")
+  return predictions, labels, mask, raw_predictions, raw_labels
 
 
 # The state ------------------------------------------------------------------
@@ -448,15 +450,15 @@ class IoUState:
     """
     state = _check_state(self)
     num_classes = state.num_classes
-    predictions, labels, where, raw_predictions, raw_labels = _batch(
+    ids, truth, mask, raw_predictions, raw_labels = _batch(
         labels, predictions, logits, axis, where, num_classes)
     ignore_index = _inputs.check_ignore_index(ignore_index)
     names = _inputs.check_axis_name(axis_name)
-    if _inputs.is_concrete(predictions, labels, where):
+    if _inputs.is_concrete(ids, truth, mask):
       _metrics._check_ranges(  # pylint: disable=protected-access
-          np.asarray(raw_predictions), np.asarray(raw_labels), where,
+          np.asarray(raw_predictions), np.asarray(raw_labels), mask,
           num_classes, ignore_index)
-    return _update_impl(state, predictions, labels, where,
+    return _update_impl(state, ids, truth, mask,
                         num_classes=num_classes, ignore_index=ignore_index,
                         axis_name=names)
 
@@ -562,9 +564,10 @@ class IoUState:
       total = cm.sum()
       return jnp.asarray(np.float64(np.trace(cm) / total if total else 0.0)
                          .astype(dtype))
-    cm = self.confusion_matrix()
-    total = jnp.sum(cm)
-    return jnp.where(total > 0, jnp.trace(cm) / jnp.maximum(total, 1), 0).astype(dtype)
+    counts = self.confusion_matrix()
+    pixels = jnp.sum(counts)
+    return jnp.where(pixels > 0, jnp.trace(counts) / jnp.maximum(pixels, 1),
+                     0).astype(dtype)
 
   def mean_class_accuracy(self) -> jax.Array:
     """Recall averaged over the classes present in the labels.
@@ -584,12 +587,13 @@ class IoUState:
       acc = np.diagonal(cm)[present] / rows[present]
       return jnp.asarray(np.float64(acc.mean() if present.any() else 0.0)
                          .astype(dtype))
-    cm = self.confusion_matrix()
-    rows = jnp.sum(cm, axis=1)
-    present = rows > 0
-    acc = jnp.where(present, jnp.diagonal(cm) / jnp.where(present, rows, 1), 0)
-    num = jnp.sum(present)
-    return jnp.where(num > 0, jnp.sum(acc) / jnp.maximum(num, 1), 0).astype(dtype)
+    counts = self.confusion_matrix()
+    labelled = jnp.sum(counts, axis=1)
+    has = labelled > 0
+    recall = jnp.where(has, jnp.diagonal(counts) / jnp.where(has, labelled, 1), 0)
+    classes = jnp.sum(has)
+    return jnp.where(classes > 0, jnp.sum(recall) / jnp.maximum(classes, 1),
+                     0).astype(dtype)
 
   def per_image_miou(self) -> jax.Array:
     """The mean over counted images of each image's mIoU; 0.0 if none.
@@ -607,9 +611,9 @@ class IoUState:
       total = float(_host_words(self.image_miou_words)) / 2**_FRACTION_BITS
       num = int(_host_words(self.image_count_words))
       return jnp.asarray(np.float64(total / num if num else 0.0).astype(dtype))
-    total = _traced_words(self.image_miou_words, dtype) / 2**_FRACTION_BITS
-    num = _traced_words(self.image_count_words, dtype)
-    return jnp.where(num > 0, total / jnp.maximum(num, 1), 0).astype(dtype)
+    summed = _traced_words(self.image_miou_words, dtype) / 2**_FRACTION_BITS
+    images = _traced_words(self.image_count_words, dtype)
+    return jnp.where(images > 0, summed / jnp.maximum(images, 1), 0).astype(dtype)
 
 
 def _float_dtype() -> np.dtype:
