@@ -297,7 +297,7 @@ def _batch(labels: Any, predictions: Any, logits: Any, axis: Any, where: Any,
 # The state ------------------------------------------------------------------
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # no == or hash on arrays
 class IoUState:
   """Exact streaming counts for data-set mIoU and per-image mIoU.
 
@@ -402,9 +402,11 @@ class IoUState:
     left out of the per-image mIoU (neither summed nor counted).
 
     Out-of-range ids: a concrete call raises ``ValueError`` when a counted
-    pixel has a label or prediction outside ``[0, C)``. Under ``jax.jit``
-    that check cannot run, and such pixels are not counted (like void
-    pixels): they change neither score.
+    pixel has a label or prediction outside ``[0, C)``; that check reads the
+    ids on the host (a device-to-host copy, as in
+    :func:`lovasz_jax.confusion_matrix`), so jit the evaluation step to keep
+    everything on device. Under ``jax.jit`` the check cannot run, and such
+    pixels are not counted (like void pixels): they change neither score.
 
     Under ``jax.jit``: ``axis``, ``ignore_index`` and ``axis_name`` are
     Python values (close over them, or mark them static); the state, labels,

@@ -390,7 +390,10 @@ DOCS = pathlib.Path(__file__).parent.parent / "docs" / "streaming_metrics.md"
 
 
 def test_docs_python_blocks_run(capsys):
-  blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+  if not DOCS.exists():  # a copy of tests/ outside the source tree (make check-wheel)
+    pytest.skip("docs/ is not next to tests/")
+  blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"),
+                      re.DOTALL)
   assert len(blocks) >= 4
   for block in blocks:
     if "flax" in block:
