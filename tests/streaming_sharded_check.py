@@ -9,6 +9,7 @@ device (or the error raised); the assertions are in test_streaming.py.
 import functools
 import json
 import os
+import traceback
 
 import jax
 import numpy as np
@@ -19,6 +20,12 @@ from jax.sharding import PartitionSpec as P
 from lovasz_jax import IoUState
 
 VOID = 255
+
+
+def _error(e):
+  """The error, and whether it was raised in confusion_matrix's counting."""
+  return {"error": f"{type(e).__name__}: {e}",
+          "in_confusion_matrix": "_confusion_impl" in traceback.format_exc()}
 
 
 def _words(state):
@@ -54,7 +61,7 @@ def main():
       out[name] = {"sharded": _words(state), "single": single,
                    "batch_sharded": len(args[0].sharding.device_set) == 8}
     except Exception as e:  # pylint: disable=broad-exception-caught
-      out[name] = {"error": f"{type(e).__name__}: {e}"}
+      out[name] = _error(e)
   mesh = meshes["explicit"]
 
   @jax.jit
@@ -68,7 +75,29 @@ def main():
     out["shard_map"] = {"sharded": _words(sharded_step(IoUState.empty(5), *args)),
                         "single": single, "batch_sharded": True}
   except Exception as e:  # pylint: disable=broad-exception-caught
-    out["shard_map"] = {"error": f"{type(e).__name__}: {e}"}
+    out["shard_map"] = _error(e)
+  # The Flax NNX metric inside nnx.jit, with the batch sharded.
+  try:
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    import lovasz_jax.nnx  # pylint: disable=import-outside-toplevel
+
+    @nnx.jit
+    def nnx_step(metric, y, z, w):
+      metric.update(labels=y, logits=z, where=w)
+
+    for name in ("explicit", "auto"):
+      args = jax.device_put((labels, logits, where),
+                            NamedSharding(meshes[name], P("data")))
+      metric = lovasz_jax.nnx.MeanIoU(5, ignore_index=VOID)
+      try:
+        nnx_step(metric, *args)
+        out[f"nnx_{name}"] = {"sharded": _words(metric.state), "single": single,
+                              "batch_sharded": True}
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        out[f"nnx_{name}"] = _error(e)
+  except ImportError:
+    pass
   print(json.dumps(out))
 
 

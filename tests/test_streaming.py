@@ -187,6 +187,24 @@ def test_counts_past_2_to_the_32_are_exact_with_x64_off():
   assert int(state.num_images()) == images
 
 
+def test_x64_on_keeps_the_representation_and_reads_float64():
+  rng = np.random.default_rng(7)
+  labels, preds, where, logits = _batch(rng)
+  with jax.enable_x64(False):
+    off = IoUState.empty(6).update(labels, logits=logits, where=where,
+                                   ignore_index=VOID)
+  with jax.enable_x64(True):
+    on = jax.jit(lambda s, y, z, w: s.update(y, logits=z, where=w, ignore_index=VOID))(
+        IoUState.empty(6), labels, logits, where)
+    for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(on)):
+      assert a.dtype == b.dtype == jnp.uint32
+      np.testing.assert_array_equal(a, b)
+    assert on.mean_iou().dtype == jnp.float64
+    assert jax.jit(IoUState.per_image_miou)(on).dtype == jnp.float64
+    _, miou, _, _ = ref_scores(ref_confusion(preds, labels, 6, where, VOID))
+    assert abs(float(on.mean_iou()) - miou) <= 1e-12
+
+
 # Transformations -------------------------------------------------------------
 
 def test_lax_scan_and_donated_buffers():
@@ -404,7 +422,7 @@ def test_docs_python_blocks_run(capsys):
 
 # Sharded updates (8 host devices, in a subprocess) ---------------------------
 
-CASES = ["explicit", "auto", "auto_set_mesh", "shard_map"]
+CASES = ["explicit", "auto", "auto_set_mesh", "shard_map", "nnx_explicit", "nnx_auto"]
 
 
 @pytest.fixture(scope="module")
@@ -421,9 +439,11 @@ def sharded():
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_update_equals_one_device(sharded, case):
   assert sharded["devices"] == 8
+  if case.startswith("nnx"):
+    pytest.importorskip("flax")
   r = sharded[case]
   if "error" in r:
-    if case == "explicit" and "not found in mesh" in r["error"]:
+    if case.endswith("explicit") and r["in_confusion_matrix"]:
       # TODO(lead): passes once _distribute.reduce_counts runs the data-set
       # counts in a shard_map over the explicit mesh (confusion_matrix
       # cannot reshape a batch sharded over an explicit mesh yet).
