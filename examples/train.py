@@ -5,10 +5,11 @@ Berman et al. (CVPR 2018): cross-entropy first, then Lovász-Softmax
 fine-tuning for the remaining steps. Both runs take the same number of steps,
 see the same batches and use the same learning-rate schedule; run 2 branches
 off run 1 at the switch step (the shared cross-entropy part is trained once).
-Both are scored on a held-out synthetic test set with lovasz_jax's
-confusion matrix, per-class IoU and mean IoU: the demo prints a table of
-both runs side by side and writes a PNG figure (inputs, labels, both runs'
-predictions, loss and test-mIoU curves).
+Both are scored on a held-out synthetic test set with the Flax NNX metric
+lovasz_jax.nnx.MeanIoU (exact streaming counts, on device): the demo prints
+per-class IoU, the data-set mIoU and the per-image mIoU of both runs side by
+side, and writes a PNG figure (inputs, labels, both runs' predictions, loss
+and test-mIoU curves).
 
 The data (examples/data.py) are generated in code from the seed: nothing is
 downloaded. The model is a tiny Flax NNX U-Net (examples/model.py), trained
@@ -36,6 +37,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import lovasz_jax
+import lovasz_jax.nnx
 from examples import data
 from examples.model import create_unet
 
@@ -143,34 +145,37 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return step
 
 
-def make_predict(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
-  @jax.jit
-  def predict(params, images):
-    return jnp.argmax(nnx.merge(graphdef, params)(images), axis=-1)
-  return predict
-
-
 def make_evaluate(graphdef: nnx.GraphDef, images: np.ndarray, labels: np.ndarray,
-                  batch_size: int = 64) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-  """``evaluate(params) -> (confusion [C, C], predictions [N, H, W])``.
+                  batch_size: int = 64) -> Callable[..., tuple[Any, np.ndarray]]:
+  """``evaluate(params) -> (metric, predictions [N, H, W])``.
 
-  Scores the test set in batches; the last batch is padded to the batch size,
-  so the model compiles once.
+  Scores the test set in batches with the Flax NNX metric
+  ``lovasz_jax.nnx.MeanIoU``: its exact counts stay on device, updated in a
+  jitted step, and give the data-set mIoU and the per-image mIoU of one
+  pass. The last batch is padded to the batch size, so the step compiles
+  once; the padding images are masked out with ``where=`` (they count
+  nowhere, not even as images).
   """
-  predict = make_predict(graphdef)
   batch_size = min(batch_size, len(images))
 
+  @nnx.jit
+  def eval_step(metric, params, images, labels, where):
+    logits = nnx.merge(graphdef, params)(images)
+    metric.update(labels=labels, logits=logits, where=where)
+    return jnp.argmax(logits, axis=-1)
+
   def evaluate(params):
+    metric = lovasz_jax.nnx.MeanIoU(data.NUM_CLASSES)
     preds = []
     for i in range(0, len(images), batch_size):
-      x = images[i:i + batch_size]
-      pad = batch_size - len(x)
-      if pad:
-        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-      preds.append(np.asarray(predict(params, x))[:batch_size - pad])
-    preds = np.concatenate(preds)
-    confusion = lovasz_jax.confusion_matrix(preds, labels, data.NUM_CLASSES)
-    return np.asarray(confusion), preds
+      x, y = images[i:i + batch_size], labels[i:i + batch_size]
+      n = len(x)
+      if n < batch_size:
+        x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.zeros((batch_size - n,) + y.shape[1:], y.dtype)])
+      where = np.broadcast_to((np.arange(batch_size) < n)[:, None, None], y.shape)
+      preds.append(np.asarray(eval_step(metric, params, x, y, where))[:n])
+    return metric, np.concatenate(preds)
 
   return evaluate
 
@@ -181,11 +186,13 @@ def batch_indices(seed: int, step: int, num: int, batch_size: int) -> np.ndarray
                                                     replace=False)
 
 
-def scores(confusion: np.ndarray) -> dict[str, Any]:
+def scores(metric: lovasz_jax.nnx.MeanIoU) -> dict[str, Any]:
+  """The scores of a test-set ``MeanIoU``: data-set and per-image mIoU."""
   return {
-      "iou": np.asarray(lovasz_jax.iou_per_class(confusion)),
-      "miou": float(lovasz_jax.mean_iou(confusion)),
-      "pixel_acc": float(np.trace(confusion) / max(confusion.sum(), 1)),
+      "iou": np.asarray(metric.iou_per_class()),
+      "miou": float(metric.compute()),            # the data set's counts pooled
+      "per_image_miou": float(metric.per_image_miou()),  # every image weighs 1
+      "pixel_acc": float(metric.state.pixel_accuracy()),
   }
 
 
@@ -212,7 +219,9 @@ def train_phase(step_fn, params, opt_state, steps: range, args, train_x,
 # Reporting -------------------------------------------------------------------
 
 def format_table(freqs: np.ndarray, results: dict[str, dict[str, Any]]) -> str:
-  """Per-class IoU, mIoU and pixel accuracy of each run, side by side.
+  """Per-class IoU, mIoU, per-image mIoU and pixel accuracy, side by side.
+
+  The per-image mIoU row is shown when the results have it.
 
   With two runs, a last column gives the second minus the first.
   """
@@ -231,6 +240,9 @@ def format_table(freqs: np.ndarray, results: dict[str, dict[str, Any]]) -> str:
                      [results[n]["iou"][c] for n in names]))
   lines.append("-" * len(head))
   lines.append(row(f"{'mIoU':<21}", [results[n]["miou"] for n in names]))
+  if all("per_image_miou" in results[n] for n in names):
+    lines.append(row(f"{'per-image mIoU':<21}",
+                     [results[n]["per_image_miou"] for n in names]))
   lines.append(row(f"{'pixel acc':<21}",
                    [results[n]["pixel_acc"] for n in names]))
   return "\n".join(lines)
@@ -355,11 +367,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for name, h in ((run1, h1), (run2, h2)):
     histories[name] = {k: shared[k] + h[k] for k in shared}
 
-  (cm1, preds1), (cm2, preds2) = evaluate(params1), evaluate(params2)
-  results = {run1: scores(cm1), run2: scores(cm2)}
+  (metric1, preds1), (metric2, preds2) = evaluate(params1), evaluate(params2)
+  results = {run1: scores(metric1), run2: scores(metric2)}
   print()
   print(f"held-out test set ({args.num_test} images), IoU per class:")
   print(format_table(freqs, results))
+  print("mIoU: the data set's (all test pixels pooled); per-image mIoU: the mean "
+        "of each\nimage's mIoU. Both from one pass of lovasz_jax.nnx.MeanIoU.")
 
   # Example images: the test images with the most rare-class pixels.
   rare = np.isin(test_y, data.RARE_CLASSES).sum(axis=(1, 2))

@@ -15,6 +15,7 @@ from lovasz_jax._losses import SOFTMAX_STATIC_ARGNAMES as SOFTMAX_STATIC_ARGNAME
 from lovasz_jax._metrics import confusion_matrix as confusion_matrix
 from lovasz_jax._metrics import iou_per_class as iou_per_class
 from lovasz_jax._metrics import mean_iou as mean_iou
+from lovasz_jax._streaming import IoUState as IoUState
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "HINGE_STATIC_ARGNAMES",
     "SIGMOID_STATIC_ARGNAMES",
     "SOFTMAX_STATIC_ARGNAMES",
+    "IoUState",
     "confusion_matrix",
     "iou_per_class",
     "lovasz_grad",

@@ -104,17 +104,45 @@ def test_make_loss_matches_the_library():
 def test_format_table():
   iou = np.array([0.9, 0.5, np.nan, 0.25, 0.0, 0.125])
   table = train.format_table(
-      np.full(6, 1 / 6), {"A": dict(iou=iou, miou=0.355, pixel_acc=0.9),
-                          "B": dict(iou=iou, miou=0.5, pixel_acc=0.95)})
+      np.full(6, 1 / 6), {"A": dict(iou=iou, miou=0.355, per_image_miou=0.4, pixel_acc=0.9),
+                          "B": dict(iou=iou, miou=0.5, per_image_miou=0.375,
+                                    pixel_acc=0.95)})
   lines = table.splitlines()
   assert lines[0].split() == ["class", "test", "px", "A", "B", "change"]
   assert lines[2].split() == ["background", "16.67%", "0.9000", "0.9000", "+0.0000"]
   assert lines[4].split()[0] == "square" and lines[4].split()[2] == "nan"
   assert re.search(r"^mIoU\s+0\.3550\s+0\.5000\s+\+0\.1450$", table, re.M)
+  assert re.search(r"^per-image mIoU\s+0\.4000\s+0\.3750\s+-0\.0250$", table, re.M)
   assert re.search(r"^pixel acc\s+0\.9000\s+0\.9500\s+\+0\.0500$", table, re.M)
   single = train.format_table(np.full(6, 1 / 6),
                               {"A": dict(iou=iou, miou=0.355, pixel_acc=0.9)})
   assert "change" not in single and re.search(r"^mIoU\s+0\.3550$", single, re.M)
+  assert "per-image" not in single  # shown only when the results have it
+
+
+def test_evaluate_scores_the_test_set_with_the_nnx_metric():
+  # 10 images in batches of 4: the last batch is padded with 2 images that
+  # where= masks out. The metric must equal NumPy references of the
+  # predictions it returns.
+  x, y = data.make_dataset(10, 16, seed=2)
+  model = create_unet(3, data.NUM_CLASSES, width=4, seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  metric, preds = train.make_evaluate(graphdef, x, y, batch_size=4)(params)
+  assert preds.shape == y.shape
+  cm = np.bincount(y.ravel() * data.NUM_CLASSES + preds.ravel(),
+                   minlength=data.NUM_CLASSES**2).reshape(data.NUM_CLASSES, -1)
+  np.testing.assert_array_equal(metric.state.confusion_matrix(), cm)
+  assert int(metric.state.num_images()) == 10
+  per_image = []
+  for p, t in zip(preds, y):
+    tp = np.bincount(t[p == t], minlength=data.NUM_CLASSES)
+    union = (np.bincount(t.ravel(), minlength=data.NUM_CLASSES)
+             + np.bincount(p.ravel(), minlength=data.NUM_CLASSES) - tp)
+    per_image.append(np.mean(tp[union > 0] / union[union > 0]))
+  s = train.scores(metric)
+  assert abs(s["per_image_miou"] - np.mean(per_image)) <= 1e-6
+  assert abs(s["miou"] - float(lovasz_jax.mean_iou(cm))) <= 1e-6
+  assert abs(s["pixel_acc"] - np.trace(cm) / cm.sum()) <= 1e-6
 
 
 def test_help_lists_the_options(capsys):
@@ -156,6 +184,8 @@ def test_main_end_to_end(tmp_path, capsys):
     assert scores["iou"].shape == (data.NUM_CLASSES,)
     assert 0.0 <= scores["miou"] <= 1.0 and 0.0 <= scores["pixel_acc"] <= 1.0
     assert f"{scores['miou']:.4f}" in printed
+    assert 0.0 <= scores["per_image_miou"] <= 1.0
+    assert f"{scores['per_image_miou']:.4f}" in printed
   for history in result["histories"].values():
     assert history["step"] == list(range(6))
     assert len(history["loss"]) == 6 and np.isfinite(history["loss"]).all()
@@ -165,3 +195,5 @@ def test_main_end_to_end(tmp_path, capsys):
   assert h1["loss"][:3] == h2["loss"][:3]
   assert h1["loss"][3:] != h2["loss"][3:]
   assert "mIoU" in printed and "pixel acc" in printed
+  assert re.search(r"^per-image mIoU\s+\d\.\d{4}\s+\d\.\d{4}\s+[+-]\d\.\d{4}$",
+                   printed, re.M)

@@ -68,6 +68,7 @@ def test_notebook_runs(monkeypatch, tmp_path):
                  if out.output_type == "stream")
   assert re.search(r"^backend: \w+, devices: \[", text, re.M), text
   assert re.search(r"^mIoU\s+\d\.\d{4}\s+\d\.\d{4}$", text, re.M), text
+  assert re.search(r"^per-image mIoU\s+\d\.\d{4}\s+\d\.\d{4}$", text, re.M), text
   assert re.search(r"^pixel acc\s+\d\.\d{4}\s+\d\.\d{4}$", text, re.M), text
   assert "CE → Lovász: trained 12 steps" in text
   images = [out for out in outputs if out.output_type == "display_data"
