@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lovasz_jax import _distribute
 from lovasz_jax import _inputs
 from lovasz_jax import _metrics
 from lovasz_jax import _sharding
@@ -130,24 +130,6 @@ def fixed_point_sum(values: jax.Array, counted: jax.Array,
   return total
 
 
-# The device layer -----------------------------------------------------------
-
-def reduce_counts(fn: Callable[..., jax.Array], arrays: tuple[Any, ...], *,
-                  keep: int, axis_name: Any = None) -> jax.Array:
-  """``fn`` of the local blocks of ``arrays``, summed over the other devices.
-
-  A temporary stand-in: ``fn(*arrays)``, then ``lax.psum`` over
-  ``axis_name`` when it is given (inside ``shard_map``). ``keep`` (the
-  leading axes that ``fn`` keeps) is not used here.
-  """
-  # TODO(lead): replace with _distribute.reduce_counts
-  del keep
-  out = fn(*arrays)
-  if axis_name:
-    out = lax.psum(out, axis_name)
-  return out
-
-
 # The counts of one batch ----------------------------------------------------
 
 def _counted(predictions, labels, where, num_classes, ignore_index):
@@ -159,10 +141,10 @@ def _counted(predictions, labels, where, num_classes, ignore_index):
 
 def _confusion_halves(predictions, labels, where, *, num_classes, ignore_index):
   """Local blocks -> the data-set confusion counts as uint32 halves [2, C, C]."""
-  counts = _metrics._confusion_impl(  # pylint: disable=protected-access
+  counts = _metrics._count_block(  # pylint: disable=protected-access
       predictions, labels, where, num_classes=num_classes,
       ignore_index=ignore_index)
-  return _halves(counts)
+  return _halves(counts.reshape(num_classes, num_classes))
 
 
 def _image_counts(predictions, labels, where, *, num_classes, ignore_index):
@@ -206,19 +188,23 @@ def image_mious(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index",
-                                             "axis_name"))
+                                             "axis_name", "image_axis_name"))
 def _update_impl(state, predictions, labels, where, *, num_classes,
-                 ignore_index, axis_name):
+                 ignore_index, axis_name, image_axis_name):
   arrays = (predictions, labels, where)
   options = {"num_classes": num_classes, "ignore_index": ignore_index}
-  halves = reduce_counts(functools.partial(_confusion_halves, **options),
-                         arrays, keep=0, axis_name=axis_name)
-  # Images are whole on each device: with axis_name (shard_map over the
-  # batch), each device scores its own images and only sums cross devices.
-  counts = reduce_counts(functools.partial(_image_counts, **options), arrays,
-                         keep=1)
+  halves = _distribute.reduce_counts(
+      functools.partial(_confusion_halves, **options), arrays,
+      axis_name=axis_name)
+  # Each image's counts are summed over the devices that split the image:
+  # the pixel axes' devices on a mesh, or image_axis_name in shard_map
+  # (without it, each device holds whole images). Then each image's mIoU
+  # is added once: over the devices that split the batch.
+  counts = _distribute.reduce_counts(
+      functools.partial(_image_counts, **options), arrays, keep=1,
+      axis_name=image_axis_name)
   miou, counted = image_mious(counts)
-  axes = axis_name or ()
+  axes = tuple(a for a in axis_name or () if a not in (image_axis_name or ()))
   return IoUState(
       confusion_words=_add_words(state.confusion_words, _join_halves(halves)),
       image_miou_words=_add_words(state.image_miou_words,
@@ -388,6 +374,7 @@ class IoUState:
       where: jax.typing.ArrayLike | None = None,
       ignore_index: int | None = None,
       axis_name: str | tuple[str, ...] | None = None,
+      image_axis_name: str | tuple[str, ...] | None = None,
   ) -> IoUState:
     """The state with one more batch counted (a new state; this one is kept).
 
@@ -430,6 +417,9 @@ class IoUState:
         is split (each device holding whole images): the counts of every
         device are summed, so every device returns the state of the global
         batch. Leave it None under ``jax.jit`` with sharded inputs.
+      image_axis_name: inside ``jax.shard_map``, the axes among
+        ``axis_name`` that split each image's pixels (as in the losses);
+        without it each device is taken to hold whole images.
 
     Returns:
       A new :class:`IoUState`.
@@ -456,13 +446,13 @@ class IoUState:
         labels, predictions, logits, axis, where, num_classes)
     ignore_index = _inputs.check_ignore_index(ignore_index)
     names = _inputs.check_axis_name(axis_name)
+    image_names = _inputs.check_image_axis_name(image_axis_name, names)
     if _inputs.is_concrete(ids, truth, mask):
       _metrics._check_ranges(  # pylint: disable=protected-access
-          np.asarray(raw_predictions), np.asarray(raw_labels), mask,
-          num_classes, ignore_index)
+          raw_predictions, raw_labels, mask, num_classes, ignore_index)
     return _update_impl(state, ids, truth, mask,
                         num_classes=num_classes, ignore_index=ignore_index,
-                        axis_name=names)
+                        axis_name=names, image_axis_name=image_names)
 
   def merge(self, other: IoUState) -> IoUState:
     """The counts of both states added (exactly; the order does not matter).

@@ -276,6 +276,21 @@ def worker(process_id: int, port: int, paths: list[str]) -> None:
 
     record_exact(f"metrics/{kind}/shard_map", counts(*args), want)
 
+  # The streaming state (lovasz_jax.IoUState), eagerly and under jit.
+  words = lambda state: [np.asarray(w).tolist() for w in jax.tree.leaves(state)]
+  update = lambda s, y, p, w: s.update(y, predictions=p, where=w, ignore_index=255)
+  want_state = jax.jit(update)(lovasz_jax.IoUState.empty(num_classes), local(labels),
+                               local(preds), local(where))
+  for kind, mesh, spec in (("explicit", explicit, P("data")),
+                           ("grid", grid, P("data", "space"))):
+    sh = NamedSharding(mesh, spec)
+    args = [global_array(a, sh) for a in (labels, preds, where)]
+    for way, fn in (("jit", jax.jit(update)), ("eager", update)):
+      state = fn(lovasz_jax.IoUState.empty(num_classes), *args)
+      record_exact(f"iou_state/{kind}/{way}", words(state), words(want_state))
+      record_loss(f"iou_state/{kind}/{way}/per_image_miou", state.per_image_miou(),
+                  float(want_state.per_image_miou()))
+
   # Counts that are not replicated: one row of the matrix per device pair.
   c8 = rng.integers(0, 1000, (8, 8)).astype(np.int32)
   c8_global = global_array(c8, NamedSharding(explicit, P("data")))

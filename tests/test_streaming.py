@@ -422,7 +422,8 @@ def test_docs_python_blocks_run(capsys):
 
 # Sharded updates (8 host devices, in a subprocess) ---------------------------
 
-CASES = ["explicit", "auto", "auto_set_mesh", "shard_map", "nnx_explicit", "nnx_auto"]
+CASES = ["explicit", "auto", "auto_set_mesh", "shard_map", "explicit_split_images",
+         "shard_map_split_images", "nnx_explicit", "nnx_auto"]
 
 
 @pytest.fixture(scope="module")
@@ -443,11 +444,6 @@ def test_sharded_update_equals_one_device(sharded, case):
     pytest.importorskip("flax")
   r = sharded[case]
   if "error" in r:
-    if case.endswith("explicit") and r["in_confusion_matrix"]:
-      # TODO(lead): passes once _distribute.reduce_counts runs the data-set
-      # counts in a shard_map over the explicit mesh (confusion_matrix
-      # cannot reshape a batch sharded over an explicit mesh yet).
-      pytest.xfail("confusion_matrix on explicit meshes: " + r["error"][:200])
     pytest.fail(r["error"])
   # Exact words (the per-image sum too: fixed point is associative).
   assert r["sharded"] == r["single"]
