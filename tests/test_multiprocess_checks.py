@@ -82,7 +82,7 @@ def test_good_input_passes_the_global_checks(spanning):
 
 
 def test_image_axis_name_must_be_among_axis_name():
-  mesh = jax.make_mesh((1, 1), ("data", "space"))
+  mesh = jax.make_mesh((1, 1), ("data", "space"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   x, y = jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2), jnp.int32)
 
   def run(**kwargs):
