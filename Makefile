@@ -18,8 +18,9 @@ CHECK_DIR ?= $(or $(TMPDIR),/tmp)/lovasz_jax-ci$(subst /,-,$(CURDIR))
 # that need the source tree (README, examples, notebooks) and the 40M-pixel
 # test_scale (make test runs them all).
 WHEEL_TESTS := test_api.py test_binary.py test_export.py test_extension.py \
-  test_hinge.py test_histogram.py test_lowering.py test_memory.py test_metrics.py \
-  test_native.py test_order.py test_reliability.py test_sharding.py test_softmax.py
+  test_hinge.py test_histogram.py test_layouts.py test_lowering.py test_memory.py \
+  test_metrics.py test_multiprocess_checks.py test_native.py test_nnx.py test_order.py \
+  test_reliability.py test_sharding.py test_softmax.py test_streaming.py
 # On the lowest jax, a smoke subset of the same. Compiled temp memory depends
 # on XLA's version (on jax 0.8.2 the lean mode takes 2.2x the logits at
 # (1, 96, 96, 19), over the test's 1.5x), so it is tested on the newest only.
@@ -123,9 +124,11 @@ check-full-size: $(VENV)/.test
 # loss and metric on global arrays that span both processes, eagerly, under
 # jit, under set_mesh and in shard_map, on both paths, against one process's
 # result; bad input raises the same error on both. Each worker has a time
-# limit, so a hang fails (tests/multihost_check.py).
+# limit, so a hang fails (tests/multihost_check.py). Then the multi-process
+# example (examples/multihost.py) runs as the docs tell users to run it.
 check-multihost: $(VENV)/.test
 	$(BIN)/python -m tests.multihost_check
+	$(BIN)/python -m examples.multihost --spawn 2 --steps 10 --timeout 300
 
 # What CI runs after `make test`.
 ci-extra: lint check-full-size check-multihost check-wheel check-floor check-no-compiler

@@ -6,6 +6,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from flax import nnx
 
 
@@ -24,9 +26,18 @@ class ConvBlock(nnx.Module):
 
 
 def _down(x: jax.Array) -> jax.Array:
-  """2x2 max pooling."""
+  """2x2 max pooling.
+
+  On an explicit mesh (multi-device runs) the reshape says that the batch
+  axis keeps its sharding.
+  """
   b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  sharding = jax.typeof(x).sharding
+  out = None
+  if not sharding.mesh.empty:
+    out = NamedSharding(sharding.mesh, P(tuple(sharding.spec)[0] if sharding.spec else None))
+  return jax.lax.reshape(x, (b, h // 2, 2, w // 2, 2, c),
+                         out_sharding=out).max(axis=(2, 4))
 
 
 def _up(x: jax.Array) -> jax.Array:
