@@ -26,10 +26,17 @@ Three ways of running on several devices reach the same code:
   the rows are split over the named mesh axes.
 - explicit sharding (``jax.make_mesh``'s default axis types): the keys'
   type says how they are sharded, so the work is wrapped in a ``shard_map``
-  over the keys' mesh.
+  over the keys' mesh (also when their spec is empty: a replicated array,
+  or one example inside ``jax.vmap`` over a sharded axis).
 - automatic sharding (or none): the partitioner decides shardings when it
   compiles, so a ``custom_partitioning`` rule reads the keys' sharding then
-  and picks one of the cases above. On one device it is inlined.
+  and picks one of the cases above. On one device it is inlined. With a
+  mesh in context (``jax.set_mesh``), batch-mode rows are split over its
+  automatic axes as inside ``shard_map``, padded with void pixels (key 0)
+  to a multiple of the devices.
+
+The metrics follow the same rule with ``reduce_counts``: each device counts
+its own block, and only the counts cross devices (one all-reduce).
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ def check_image_axis_name(image_axis_name: Any,
   if image_axis_name is None:
     return None
   names = check_axis_name(image_axis_name)
-  if axis_name is None or not set(names) <= set(axis_name):
+  if names is None or axis_name is None or not set(names) <= set(axis_name):
     raise ValueError(
         f"image_axis_name={image_axis_name!r} must name mesh axes among "
         f"axis_name={axis_name!r}: the axes of the shard_map that split each "

@@ -66,13 +66,13 @@ def _check_ranges(predictions: Any, labels: Any, where: jax.Array | None,
   _inputs.check_label_range(labels, 0, num_classes, ignore_index, where,
                             f"num_classes={num_classes}")
   if _inputs.spans_processes(predictions, labels, where):
-    found = _inputs.describe(_global_bad_predictions(
+    summary = _inputs.describe(_global_bad_predictions(
         jnp.asarray(predictions), labels, where, num_classes=num_classes,
         ignore_index=ignore_index))
-    if found:
+    if summary:
       raise ValueError(
           f"predictions hold values outside [0, {num_classes}) for num_classes="
-          f"{num_classes}: {found}. Predictions must be class ids, e.g. "
+          f"{num_classes}: {summary}. Predictions must be class ids, e.g. "
           "jnp.argmax(logits, axis=-1).")
     return
   # NumPy only: inside a trace, jnp ops on constants would give tracers.

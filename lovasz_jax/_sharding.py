@@ -65,9 +65,8 @@ def whole_axis(x: jax.Array, axis: int) -> jax.Array:
   spec = spec_of(x)
   if explicit_mesh(x) is None or spec[axis] is None:
     return x
-  spec = list(spec)
-  spec[axis] = None
-  return reshard(x, spec)
+  return reshard(x, tuple(None if i == axis % x.ndim else p
+                          for i, p in enumerate(spec)))
 
 
 def reshape(x: jax.Array, shape: tuple[int, ...], spec) -> jax.Array:

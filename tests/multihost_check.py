@@ -299,11 +299,20 @@ def worker(process_id: int, port: int, paths: list[str]) -> None:
   record_loss("metrics/mean_iou/split_counts", lovasz_jax.mean_iou(c8_global),
               float(lovasz_jax.mean_iou(c8)))
 
+  iou_jit = jax.jit(lovasz_jax.iou_per_class)(c8_global)
+  record_loss("metrics/iou_per_class/split_counts_jit", 0.0, 0.0, iou_jit,
+              np.asarray(lovasz_jax.iou_per_class(c8)))
+  record_loss("metrics/mean_iou/split_counts_jit",
+              jax.jit(lovasz_jax.mean_iou)(c8_global), float(lovasz_jax.mean_iou(c8)))
+
   # lovasz_grad of rows split over the processes along the sorted axis.
   fg = rng.random((4, 64)) > 0.6
-  got = lovasz_jax.lovasz_grad(global_array(fg, NamedSharding(explicit, P(None, "data"))))
-  record_loss("lovasz_grad/split_rows", 0.0, 0.0, got,
-              np.asarray(lovasz_jax.lovasz_grad(local(fg))))
+  fg_global = global_array(fg, NamedSharding(explicit, P(None, "data")))
+  want_grad = np.asarray(lovasz_jax.lovasz_grad(local(fg)))
+  record_loss("lovasz_grad/split_rows", 0.0, 0.0, lovasz_jax.lovasz_grad(fg_global),
+              want_grad)
+  record_loss("lovasz_grad/split_rows_jit", 0.0, 0.0,
+              jax.jit(lovasz_jax.lovasz_grad)(fg_global), want_grad)
 
   # Bad input, on the pixels of process 1 only: every process must raise the
   # same ValueError (an error on one and a collective on the other hangs).
