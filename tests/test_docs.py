@@ -8,9 +8,10 @@ exist.
 """
 
 import importlib
-import io
 import pathlib
 import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -26,19 +27,21 @@ def _public(module) -> list[str]:
           if not isinstance(getattr(module, name), types.ModuleType)]
 
 
-def _build(srcdir, outdir, confdir=None, **overrides) -> tuple[str, str]:
-  """Builds HTML; returns (the warnings, the html of the root page)."""
-  application = pytest.importorskip(
-      "sphinx.application", reason="Sphinx is in the docs extra")
-  warnings = io.StringIO()
-  app = application.Sphinx(
-      str(srcdir), str(confdir or srcdir), str(outdir / "html"),
-      str(outdir / "doctrees"), "html", confoverrides=overrides,
-      status=None, warning=warnings, freshenv=True)
-  app.build(force_all=True)
+def _build(srcdir, outdir, **overrides) -> tuple[str, str]:
+  """Builds HTML in a fresh process; returns (the warnings, the root page)."""
+  pytest.importorskip("sphinx", reason="Sphinx is in the docs extra")
+  pytest.importorskip("myst_parser", reason="MyST is in the docs extra")
+  defines = []
+  for key, value in overrides.items():
+    defines += ["-D", f"{key}={','.join(value) if isinstance(value, list) else value}"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-E", "-q", "-b", "html", *defines,
+       "-w", str(outdir / "warnings.txt"), str(srcdir), str(outdir / "html")],
+      capture_output=True, text=True, timeout=600)
+  warnings = (outdir / "warnings.txt").read_text(encoding="utf-8")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
   root = overrides.get("root_doc", "index")
-  return warnings.getvalue(), (outdir / "html" / f"{root}.html").read_text(
-      encoding="utf-8")
+  return warnings, (outdir / "html" / f"{root}.html").read_text(encoding="utf-8")
 
 
 def test_api_page_names_every_public_name(tmp_path):
@@ -79,7 +82,6 @@ def test_example_runner_fails_loudly(tmp_path, page, message):
       f"sys.path.insert(0, {str(DOCS / '_ext')!r})\n"
       "extensions = ['myst_parser', 'lovasz_docs']\n", encoding="utf-8")
   (src / "index.md").write_text("# Page\n\n" + page, encoding="utf-8")
-  pytest.importorskip("myst_parser", reason="MyST is in the docs extra")
   warnings, _ = _build(src, tmp_path / "out")
   assert message in warnings, warnings
 
@@ -98,7 +100,6 @@ def test_example_runner_runs_and_skips_marked_blocks(tmp_path):
       "```{code-block} python\n:class: no-run\n"
       ":caption: Not run when the docs build: needs 8 processes\n\n"
       "raise SystemExit\n```\n", encoding="utf-8")
-  pytest.importorskip("myst_parser", reason="MyST is in the docs extra")
   warnings, html = _build(src, tmp_path / "out")
   assert not warnings, warnings
   assert marker.read_text() == "42"  # one namespace per page, in order

@@ -18,8 +18,8 @@ build fails if no example ran at all (the runner would be broken).
 API. ``{lovasz-api} MODULE`` lists every name in ``MODULE.__all__`` with its
 full docstring (autodoc), in ``__all__``'s order, so a new public name
 appears without editing the page. Constants have no docstring of their own:
-the directive's content gives each one a line ``NAME: description``, and a
-constant without one is an error. With the ``:optional:`` flag a module that
+the directive's content gives each one a line ``NAME: description`` (in
+reStructuredText), and a constant without one is an error. With the ``:optional:`` flag a module that
 does not exist gives a one-line note instead.
 """
 
@@ -169,6 +169,10 @@ class ApiDirective(SphinxDirective):
         lines += [f".. py:data:: {full}", f"   :value: {obj!r}", "",
                   f"   {notes[attr]}", ""]
     self.env.note_dependency(inspect.getsourcefile(module) or "")
+    if type(self.state).__module__.startswith("myst_parser"):
+      # On a MyST page nested content is parsed as Markdown: wrap the
+      # autodoc directives (reStructuredText) in an eval-rst block.
+      lines = ["```{eval-rst}", *lines, "```"]
     container = nodes.container()
     nested_parse_with_titles(self.state, StringList(lines, source=name),
                              container)
