@@ -15,7 +15,7 @@ DOCS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS / "_ext"))
 sys.path.insert(0, str(DOCS.parent))
 
-import lovasz_jax  # noqa: E402  pylint: disable=wrong-import-position
+import lovasz_jax
 
 project = "lovasz_jax"
 author = "The lovasz_jax authors"

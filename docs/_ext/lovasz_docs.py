@@ -89,8 +89,8 @@ def _run_examples(app, doctree) -> None:
     try:
       code = compile(source, f"<{docname}: line {node.line}>", "exec")
       with contextlib.redirect_stdout(io.StringIO()):
-        exec(code, namespace)  # pylint: disable=exec-used
-    except Exception:  # pylint: disable=broad-exception-caught
+        exec(code, namespace)  # noqa: S102  pylint: disable=exec-used
+    except Exception:  # noqa: BLE001  pylint: disable=broad-exception-caught
       logger.warning("code example failed:\n%s\n%s", source,
                      traceback.format_exc(), location=node)
     ran += 1
@@ -127,7 +127,7 @@ class ApiDirective(SphinxDirective):
 
   required_arguments = 1
   has_content = True
-  option_spec = {"optional": directives.flag}
+  option_spec = {"optional": directives.flag}  # noqa: RUF012
 
   def run(self) -> list[nodes.Node]:
     name = self.arguments[0]
