@@ -163,4 +163,5 @@ check-full-size: $(VENV)/.test
 ci-extra: lint check-full-size check-wheel check-floor check-no-compiler
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist lovasz_jax/_cpu_kernel*.so $(CHECK_DIR)
+	rm -rf $(VENV) .pytest_cache build dist docs/_build lovasz_jax/_cpu_kernel*.so \
+	  $(CHECK_DIR)
