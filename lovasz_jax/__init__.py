@@ -17,7 +17,7 @@ from lovasz_jax._metrics import iou_per_class as iou_per_class
 from lovasz_jax._metrics import mean_iou as mean_iou
 from lovasz_jax._streaming import IoUState as IoUState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CPU_CUSTOM_CALL_TARGETS",
