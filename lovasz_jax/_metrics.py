@@ -24,6 +24,7 @@ import numpy as np
 
 from lovasz_jax import _distribute
 from lovasz_jax import _inputs
+from lovasz_jax import _sharding
 
 # The int32 counts and flat indices of confusion_matrix hold at most this.
 _INT32_MAX = 2**31 - 1
@@ -366,6 +367,9 @@ def iou_per_class(confusion: jax.typing.ArrayLike) -> jax.Array:
 @jax.jit
 def _iou_impl(confusion):
   """Per-class IoU on device, and which classes have a bad count."""
+  # C x C counts split over an explicit mesh are gathered (the diagonal
+  # and the row and column sums need every entry).
+  confusion = _sharding.match(confusion, (None, None), confusion)
   cm = confusion.astype(_result_dtype(confusion.dtype))
   bad = ~(jnp.isfinite(cm) & (cm >= 0))
   bad_class = jnp.any(bad, axis=0) | jnp.any(bad, axis=1)
