@@ -160,7 +160,7 @@ def lovasz_softmax(
     class_chunk_size: memory-lean mode. Process this many classes at a time
       (a ``lax.scan`` over chunks of classes) instead of all at once: the
       compiled loss+grad then holds the sort keys of one chunk rather than of
-      every class, at some speed cost (see the README's performance section).
+      every class, at some speed cost (see the performance page of the docs).
       ``None`` (the default) processes all classes together.
     method: ``"sort"`` (exact) or ``"histogram"``: quantise the errors into
       ``num_bins`` equal bins of [0, 1] and compute the loss of the quantised

@@ -10,7 +10,7 @@ puts the weights back in pixel order:
 
 - CPU: the native kernel (``_cpu``), an LSD radix sort in C++. XLA's CPU sort
   calls a generic comparator for every comparison and is several times
-  slower (see the README's benchmark).
+  slower (see the performance page of the docs).
 - GPU, TPU (and CPU without the native kernel): one stable ``lax.sort`` of
   (uint32 key, int32 pixel index) pairs, and a second sort keyed by the
   pixel index to put the weights back. Both are sorts of 32-bit pairs.
