@@ -6,6 +6,15 @@ loss+grad call over ``--repeats`` calls, after a warm-up call (which
 compiles). JAX rows run on JAX's default backend (GPU/TPU if present); the
 PyTorch rows run on the CPU.
 
+The JAX rows of a shape are timed interleaved, one call of each row per
+round, beside optax's cross-entropy at the same shape; "time / CE" is the
+median over rounds of each row's time over that round's cross-entropy
+time, so a machine that slows down between rounds moves both. The first
+section repeats that for the rows users weigh (exact, histogram, and each
+added to the cross-entropy, as a train step runs them) in ``--ce-runs``
+separate loops, and prints each loop's ratios. ``--stages`` times the
+stages of the loss one by one (the native CPU path).
+
 Rows:
   lovasz_jax            jit(value_and_grad(lovasz_softmax))
   lean                  the same with class_chunk_size=4 (memory-lean mode)
@@ -28,8 +37,10 @@ Rows:
   PyTorch loop          the reference's structure: a loop over classes with
                         sort, gather, cumsum and dot (written here), CPU
   kornia                kornia.losses.lovasz_softmax_loss, CPU
-  optax cross-entropy   softmax_cross_entropy_with_integer_labels (the cost
-                        users compare against)
+  optax cross-entropy   softmax_cross_entropy_with_integer_labels(...).mean()
+                        (the cost users compare against)
+  CE + lovasz_jax       the cross-entropy plus the Lovász loss, one
+                        value_and_grad (the usual recipe)
   jnp.sort of keys      one jnp.sort of the C x P uint32 keys (the GPU floor)
   np.sort of keys       numpy's sort of the same keys (the CPU floor)
 """
@@ -235,43 +246,179 @@ def torch_rows(shape, logits_np, labels_np, repeats):
   return rows
 
 
-def bench_shape(name, shape, repeats, with_torch):
+def _data(shape):
   key_x, key_y = jax.random.split(jax.random.key(0))
   logits = jax.random.normal(key_x, shape, jnp.float32)
   labels = jax.random.randint(key_y, shape[:-1], 0, shape[-1])
-  rows = {}
+  return logits, labels
 
-  def time_jax(label, loss_fn, memory=True):
-    fn = jax.jit(jax.value_and_grad(loss_fn))
-    rows[label] = (_median_ms(lambda: jax.block_until_ready(fn(logits, labels)), repeats),
-                   _temp_ratio(fn, logits, labels) if memory else None)
+
+def cross_entropy(logits, labels):
+  import optax  # pylint: disable=import-outside-toplevel
+  return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+CE = "optax cross-entropy"
+
+
+def interleaved(fns, repeats):
+  """Median ms and median ratio to ``fns[CE]`` of each of ``fns``, interleaved.
+
+  Each round calls every function once, in order; a row's ratio in a round
+  is its time over the cross-entropy's time in that round.
+  """
+  for fn in fns.values():
+    fn()  # warm-up (compiles)
+  times = {label: [] for label in fns}
+  for _ in range(repeats):
+    for label, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[label].append(time.perf_counter() - start)
+  ce = times.get(CE)
+  return {label: (statistics.median(t) * 1e3,
+                  None if ce is None else statistics.median(a / b for a, b in zip(t, ce)))
+          for label, t in times.items()}
+
+
+def _loss_grad(loss_fn, logits, labels):
+  fn = jax.jit(jax.value_and_grad(loss_fn))
+  return fn, lambda: jax.block_until_ready(fn(logits, labels))
+
+
+def ce_rows(logits, labels):
+  """The rows users weigh against the cross-entropy, as loss+grad calls."""
+  hist = functools.partial(lovasz_jax.lovasz_softmax, method="histogram")
+  rows = {CE: cross_entropy, "lovasz_jax (exact)": lovasz_jax.lovasz_softmax,
+          "lovasz_jax histogram": hist,
+          "CE + lovasz_jax (exact)": lambda x, y: cross_entropy(x, y) + lovasz_jax.lovasz_softmax(x, y),
+          "CE + lovasz_jax histogram": lambda x, y: cross_entropy(x, y) + hist(x, y)}
+  return {label: _loss_grad(fn, logits, labels)[1] for label, fn in rows.items()}
+
+
+def bench_ce(shapes, repeats, runs):
+  """Each loss's time over the cross-entropy's, in ``runs`` separate loops."""
+  print(f"\n### Time over optax's cross-entropy (loss+grad, interleaved, medians of "
+        f"{repeats} rounds; {runs} runs)\n")
+  labels = list(ce_rows(*_data((1, 8, 8, 3))))[1:]
+  print("| shape | run | cross-entropy ms | " + " | ".join(labels) + " |")
+  print("|---|---:|---:|" + "---:|" * len(labels))
+  for name in shapes:
+    fns = ce_rows(*_data(SHAPES[name]))
+    for run in range(runs):
+      res = interleaved(fns, repeats)
+      print(f"| {name} | {run + 1} | {res[CE][0]:.1f} | "
+            + " | ".join(f"{res[label][1]:.2f}x" for label in labels) + " |", flush=True)
+
+
+def stage_fns(shape):
+  """The native CPU path's stages, each jitted alone, on this shape's data."""
+  # pylint: disable=import-outside-toplevel
+  from lovasz_jax import _inputs
+  logits, labels = _data(shape)
+  num_classes = shape[-1]
+
+  def prologue(x, y):  # the input checks and masks before the rows
+    valid = jnp.ones(y.shape, bool)
+    bad = _inputs.has_bad_labels(y, valid, 0, num_classes) | _inputs.bad_logits(
+        x, valid[..., None])
+    return jnp.where(valid[..., None], x, 0), _inputs.narrow_labels(
+        y, valid, 0, num_classes), bad
+
+  x, lab, _ = jax.jit(prologue)(logits, labels)
+  x, lab = x.reshape(1, -1, num_classes), lab.reshape(1, -1)
+  probs = jax.jit(lambda v: jax.nn.softmax(v, -1))(x)
+  stages = {
+      "checks and masks (XLA)": (jax.jit(prologue), (logits, labels)),
+      "softmax (XLA)": (jax.jit(lambda v: jax.nn.softmax(v, -1)), (x,)),
+      "keys of every class row (native)": (
+          jax.jit(lambda p, y: _cpu.encode_rows(p, y, 0)), (probs, lab)),
+  }
+  keys = stages["keys of every class row (native)"][0](probs, lab)
+  w, _ = jax.jit(_cpu.exact_weights)(keys)
+  bins = jax.jit(lambda p, y: _cpu.encode_rows(p, y, 4096))(probs, lab)
+  counts = jax.jit(lambda k: _cpu.histogram_counts(k, 4096))(bins)
+  omega, _ = jax.jit(lambda c: _extension.slot_weights(c, 4096, jnp.float32))(counts)
+  stages.update({
+      "sort and walk of the rows (native)": (jax.jit(_cpu.exact_weights), (keys,)),
+      "present classes (XLA)": (jax.jit(lambda y: jnp.any(
+          y[..., None] == jnp.arange(num_classes), axis=-2)), (lab,)),
+      "gradient from the weights (native)": (
+          jax.jit(lambda p, y, v, c: _cpu.rows_grad(p, y, v, c, True)),
+          (probs, lab, w, jnp.ones((1, num_classes)))),
+      "histogram: bin keys (native)": (
+          jax.jit(lambda p, y: _cpu.encode_rows(p, y, 4096)), (probs, lab)),
+      "histogram: counts (native)": (
+          jax.jit(lambda k: _cpu.histogram_counts(k, 4096)), (bins,)),
+      "histogram: slot weights (XLA)": (
+          jax.jit(lambda c: _extension.slot_weights(c, 4096, jnp.float32)), (counts,)),
+      "histogram: lookup (native)": (jax.jit(_cpu.lookup), (omega, bins)),
+  })
+  fns = {CE: _loss_grad(cross_entropy, logits, labels)[1]}
+  for label, (fn, args) in stages.items():
+    fns[label] = functools.partial(lambda f, a: jax.block_until_ready(f(*a)), fn, args)
+  fns["whole loss+grad, exact"] = _loss_grad(lovasz_jax.lovasz_softmax, logits, labels)[1]
+  fns["whole loss+grad, histogram"] = _loss_grad(
+      functools.partial(lovasz_jax.lovasz_softmax, method="histogram"), logits, labels)[1]
+  return fns
+
+
+def bench_stages(shapes, repeats):
+  print(f"\n### Stages of the loss on the native CPU path (each jitted alone, "
+        f"interleaved, medians of {repeats} rounds)\n")
+  print("| stage | " + " | ".join(shapes) + " |")
+  print("|---|" + "---:|" * len(shapes))
+  results = [interleaved(stage_fns(SHAPES[name]), repeats) for name in shapes]
+  for label in results[0]:
+    print(f"| {label} | " + " | ".join(
+        f"{r[label][0]:.2f} ms ({r[label][1]:.2f}x CE)" for r in results) + " |")
+
+
+def bench_shape(name, shape, repeats, with_torch):
+  del name
+  logits, labels = _data(shape)
+  fns, temps = {}, {}
+
+  def add(label, loss_fn, memory=True):
+    fn, call = _loss_grad(loss_fn, logits, labels)
+    fns[label] = call
+    temps[label] = _temp_ratio(fn, logits, labels) if memory else None
 
   modes = {"": {}, " lean (class_chunk_size=4)": dict(class_chunk_size=4),
            " histogram (4096 bins)": dict(method="histogram")}
   for label, kwargs in modes.items():
-    time_jax("lovasz_jax" + label, functools.partial(lovasz_jax.lovasz_softmax, **kwargs))
+    add("lovasz_jax" + label, functools.partial(lovasz_jax.lovasz_softmax, **kwargs))
+  try:
+    add(CE, cross_entropy)
+    add("CE + lovasz_jax", lambda x, y: cross_entropy(x, y) + lovasz_jax.lovasz_softmax(x, y))
+    add("CE + lovasz_jax histogram", lambda x, y: cross_entropy(x, y) + lovasz_jax.lovasz_softmax(
+        x, y, method="histogram"))
+  except ImportError:
+    pass
+  add("naive JAX port", naive_jax_loss)
+  rows = {label: (ms, ce, temps[label]) for label, (ms, ce) in interleaved(fns, repeats).items()}
   if jax.default_backend() == "cpu" and _cpu.available():
     for path in ("sort2", "scatter", "packed"):
-      with _order.use_path(path):
+      with _order.use_path(path):  # (it clears JAX's caches on the way out)
+        portable, temps_p = {CE: _loss_grad(cross_entropy, logits, labels)[1]}, {}
         for label, kwargs in modes.items():
           if path != "sort2" and kwargs:
             continue  # the variants differ in exact mode only
-          time_jax(f"portable{label}, {path}" + (" (default)" if path == "sort2" else ""),
-                   functools.partial(lovasz_jax.lovasz_softmax, **kwargs))
-    rows.update(previous_portable(shape, repeats))
+          fn, call = _loss_grad(functools.partial(lovasz_jax.lovasz_softmax, **kwargs),
+                                logits, labels)
+          name = f"portable{label}, {path}" + (" (default)" if path == "sort2" else "")
+          portable[name], temps_p[name] = call, _temp_ratio(fn, logits, labels)
+        timed = interleaved(portable, repeats)
+      rows.update({k: (timed[k][0], timed[k][1], temps_p[k]) for k in temps_p})
+    rows.update({k: (ms, None, temp) for k, (ms, temp) in previous_portable(shape, repeats).items()})
     if spawn_variant() is not None:
-      with_kernel_target(SPAWN_TARGET, lambda: time_jax(
-          "lovasz_jax, kernel threads per call (before the pool)",
-          lovasz_jax.lovasz_softmax))
-  time_jax("naive JAX port", naive_jax_loss)
-  try:
-    import optax  # pylint: disable=import-outside-toplevel
-    time_jax("optax cross-entropy", lambda x, y: jnp.mean(
-        optax.losses.softmax_cross_entropy_with_integer_labels(x, y)))
-  except ImportError:
-    pass
+      def spawn_row():
+        fn, call = _loss_grad(lovasz_jax.lovasz_softmax, logits, labels)
+        return _median_ms(call, repeats), _temp_ratio(fn, logits, labels)
+      ms, temp = with_kernel_target(SPAWN_TARGET, spawn_row)
+      rows["lovasz_jax, kernel threads per call (before the pool)"] = (ms, None, temp)
   if with_torch:
-    rows.update({k: (v, None) for k, v in torch_rows(
+    rows.update({k: (v, None, None) for k, v in torch_rows(
         shape, np.asarray(logits), np.asarray(labels), repeats).items()})
   # Floors: one sort of the C x P keys.
   errors = jnp.abs(jax.nn.softmax(logits, -1) - jax.nn.one_hot(labels, shape[-1]))
@@ -281,10 +428,10 @@ def bench_shape(name, shape, repeats, with_torch):
       jnp.ones((shape[-1], errors[..., 0].size), bool))
   sort = jax.jit(lambda k: jnp.sort(k, axis=-1))
   rows["floor: jnp.sort of C x P keys"] = (
-      _median_ms(lambda: jax.block_until_ready(sort(keys)), repeats), None)
+      _median_ms(lambda: jax.block_until_ready(sort(keys)), repeats), None, None)
   keys_np = np.asarray(keys)
   rows["floor: np.sort of C x P keys (CPU)"] = (
-      _median_ms(lambda: np.sort(keys_np, axis=-1), repeats), None)
+      _median_ms(lambda: np.sort(keys_np, axis=-1), repeats), None, None)
   if jax.default_backend() == "cpu" and _cpu.available():
     # The kernel alone: on the C x P keys, and on the first 4 x 2^14 of them
     # (the smallest call that is shared out), where starting threads weighs
@@ -294,10 +441,10 @@ def bench_shape(name, shape, repeats, with_torch):
       def time_kernel(k=k):
         kernel = jax.jit(_cpu.exact_weights)
         return _median_ms(lambda: jax.block_until_ready(kernel(k)), repeats)
-      rows[f"native kernel alone, {label}, thread pool"] = (time_kernel(), None)
+      rows[f"native kernel alone, {label}, thread pool"] = (time_kernel(), None, None)
       if spawn_variant() is not None:
         rows[f"native kernel alone, {label}, threads per call (before)"] = (
-            with_kernel_target(SPAWN_TARGET, time_kernel), None)
+            with_kernel_target(SPAWN_TARGET, time_kernel), None, None)
   return rows
 
 
@@ -310,25 +457,39 @@ def main(argv=None):
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
   parser.add_argument("--no-multidevice", action="store_true",
                       help="skip the multi-device section (benchmarks/multidevice.py)")
+  parser.add_argument("--ce-runs", type=int, default=3,
+                      help="separate interleaved loops of the cross-entropy comparison")
+  parser.add_argument("--stages", action="store_true",
+                      help="also time the stages of the loss (native CPU path)")
+  parser.add_argument("--only-ce", action="store_true",
+                      help="only the cross-entropy comparison (and --stages)")
   args = parser.parse_args(argv)
   print(f"lovasz_jax {lovasz_jax.__version__}, jax {jax.__version__}, backend "
         f"{jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPU cores, {platform.machine()}; medians of "
         f"{args.repeats} loss+grad calls")
+  if args.ce_runs:
+    bench_ce(args.shapes, args.repeats, args.ce_runs)
+  if args.stages and jax.default_backend() == "cpu" and _cpu.available():
+    bench_stages(args.shapes, args.repeats)
+  if args.only_ce:
+    return
   for name in args.shapes:
     shape = SHAPES[name]
     rows = bench_shape(name, shape, args.repeats, not args.no_torch)
     ours = rows["lovasz_jax"][0]
     print(f"\n### {name} (logits {np.prod(shape) * 4 / 2**20:.1f} MiB)\n")
-    print("| row | median ms | time / lovasz_jax | compiled temp / logits bytes |")
-    print("|---|---:|---:|---:|")
-    for label, (ms, ratio) in rows.items():
+    print("| row | median ms | time / CE (interleaved) | time / lovasz_jax | "
+          "compiled temp / logits bytes |")
+    print("|---|---:|---:|---:|---:|")
+    for label, (ms, ce, ratio) in rows.items():
       if isinstance(ms, str):
-        print(f"| {label} | {ms} | | |")
+        print(f"| {label} | {ms} | | | |")
         continue
       ratio_s = "" if ratio is None else f"{ratio:.2f}x"
+      ce_s = "" if ce is None else f"{ce:.2f}x"
       ms_s = f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
-      print(f"| {label} | {ms_s} | {ms / ours:.2f}x | {ratio_s} |")
+      print(f"| {label} | {ms_s} | {ce_s} | {ms / ours:.2f}x | {ratio_s} |")
   if not args.no_multidevice:
     # Its own process: the host device count is set before JAX starts.
     sys.stdout.flush()

@@ -38,14 +38,18 @@ import numpy as np
 
 from lovasz_jax import _sharding
 
-# The kernel's three entry points (one shared library): exact weights, and
-# the two halves of histogram mode, so that counts can be summed over devices
-# between them.
+# The kernel's entry points (one shared library): exact weights, the two
+# halves of histogram mode (so that counts can be summed over devices between
+# them), and the two passes between the softmax losses' pixel-major
+# probabilities and class-major rows (keys in, gradient out).
 _TARGET = "lovasz_jax_weights"
 _COUNTS_TARGET = "lovasz_jax_counts"
 _LOOKUP_TARGET = "lovasz_jax_lookup"
+_ENCODE_TARGET = "lovasz_jax_encode"
+_GRAD_TARGET = "lovasz_jax_grad"
 _HANDLERS = {_TARGET: "LovaszJaxWeights", _COUNTS_TARGET: "LovaszJaxCounts",
-             _LOOKUP_TARGET: "LovaszJaxLookup"}
+             _LOOKUP_TARGET: "LovaszJaxLookup", _ENCODE_TARGET: "LovaszJaxEncode",
+             _GRAD_TARGET: "LovaszJaxGrad"}
 # Public (lovasz_jax.CPU_CUSTOM_CALL_TARGETS): the custom calls a CPU program
 # may hold, for jax.export's DisabledSafetyCheck.custom_call.
 CPU_CUSTOM_CALL_TARGETS = tuple(_HANDLERS)
@@ -245,3 +249,33 @@ def lookup(omega: jax.Array, keys: jax.Array) -> jax.Array:
       _LOOKUP_TARGET, jax.ShapeDtypeStruct(keys.shape, omega.dtype),
       vmap_method="broadcast_all")
   return _varying_like(keys, call(omega, keys))[0]
+
+
+def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array:
+  """``_extension.encode_rows`` on CPU: ``[..., P, C]`` -> keys ``[..., C, P]``.
+
+  Args:
+    probs: float32 or float64 probabilities ``[..., P, C]``.
+    labels: int32 ``[..., P]``, ``_extension.VOID_LABEL`` for void pixels.
+    num_bins: 0 (``encode_keys`` keys) or the histogram's bins.
+  """
+  if not available():
+    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
+                       f"{_registration_error() or 'switched off'}")
+  shape = probs.shape[:-2] + (probs.shape[-1], probs.shape[-2])
+  key = "uint32" if probs.dtype.itemsize == 4 else "uint64"
+  call = jax.ffi.ffi_call(_ENCODE_TARGET, jax.ShapeDtypeStruct(shape, key),
+                          vmap_method="broadcast_all")
+  return _varying_like(probs, call(probs, labels, num_bins=np.int64(num_bins)))[0]
+
+
+def rows_grad(probs: jax.Array, labels: jax.Array, w: jax.Array,
+              ct: jax.Array, softmax: bool) -> jax.Array:
+  """``_extension.rows_grad`` on CPU: the gradient ``[..., P, C]``."""
+  if not available():
+    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
+                       f"{_registration_error() or 'switched off'}")
+  call = jax.ffi.ffi_call(_GRAD_TARGET, jax.ShapeDtypeStruct(probs.shape, probs.dtype),
+                          vmap_method="broadcast_all")
+  return _varying_like(probs, call(probs, labels, w, ct,
+                                   softmax=np.int64(bool(softmax))))[0]

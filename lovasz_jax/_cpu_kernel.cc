@@ -49,7 +49,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -135,37 +137,95 @@ struct Scratch {
   std::vector<uint64_t> a, b;
 };
 
-// u32 keys: sort descending by packing (~key << 32 | pixel) in one u64.
+// Only the head of a row needs ordering. In descending order, once every
+// foreground pixel has been seen (tp == g), each background pixel after it
+// weighs (g - tp) / (...) = 0 exactly. So the pixels whose key is below the
+// row's smallest foreground key (all background: a background key is even
+// smaller than a foreground key of the same error) get weight 0 and add 0 to
+// the loss, and only the others, the row's head, are sorted and walked. A
+// row with no foreground pixel weighs only its first largest key (1), so its
+// head is the pixels of its largest key. The results are the same, bit for
+// bit, as for the whole row sorted; how many pixels that saves depends on
+// the predictions (with confident ones the head is most of the row).
+template <typename K>
+struct Head {
+  int64_t g = 0;     // foreground pixels
+  K threshold = 0;   // keys >= threshold form the head (0: the row is void)
+};
+
+// One pass over the keys, written so that it vectorises (with SSE2): with
+// j = key - 1, a foreground pixel has j odd, and a void pixel j = ~0 (odd
+// too, and larger than any key's j, so it never lowers the minimum).
+template <typename K>
+Head<K> FindHead(const K* keys, int64_t n) {
+  K min_j = ~K(0), max_key = 0, odd = 0, voids = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const K k = keys[i];
+    const K j = k - 1;
+    min_j = std::min(min_j, static_cast<K>(j | (K(0) - (~j & 1))));
+    max_key = std::max(max_key, k);
+    odd += j & 1;
+    voids += k == 0;
+  }
+  Head<K> h;
+  h.g = static_cast<int64_t>(odd - voids);
+  h.threshold = h.g > 0 ? static_cast<K>(min_j + 1) : max_key;
+  return h;
+}
+
+// u32 keys: the head's items (~key << 32 | pixel) are packed, then sorted
+// ascending by a stable LSD radix sort of the key half (11-bit digits, 3
+// passes, a pass whose digit is the same for every item skipped), then
+// walked.
 double Row32(const uint32_t* keys, float* out, int64_t n, Scratch& s) {
+  const Head<uint32_t> h = FindHead(keys, n);
+  std::fill(out, out + n, 0.0f);
+  if (h.threshold == 0) return 0.0;
   s.a.resize(n);
   s.b.resize(n);
-  int64_t g = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t k = keys[i];
-    g += (k != 0) & ((k - 1) & 1);
-    s.a[i] = (static_cast<uint64_t>(~k) << 32) | static_cast<uint64_t>(i);
+  uint64_t* a = s.a.data();
+  int64_t m = 0;
+  // Blocks of 8 keys with none in the head (most of them, when the head is
+  // small) are skipped after one vectorised test.
+  const uint32_t t = h.threshold;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint32_t any = 0;
+    for (int u = 0; u < 8; ++u) any |= keys[i + u] >= t;
+    if (!any) continue;
+    for (int64_t u = i; u < i + 8; ++u) {
+      a[m] = (static_cast<uint64_t>(~keys[u]) << 32) | static_cast<uint64_t>(u);
+      m += keys[u] >= t;
+    }
   }
-  const uint64_t* sorted = RadixSort<11>(s.a.data(), s.b.data(), n, 32, 32,
+  for (; i < n; ++i) {
+    a[m] = (static_cast<uint64_t>(~keys[i]) << 32) | static_cast<uint64_t>(i);
+    m += keys[i] >= t;
+  }
+  const uint64_t* sorted = RadixSort<11>(a, s.b.data(), m, 32, 32,
                                          [](uint64_t x) { return x; });
   return Walk<uint32_t, float>(
-      n, g, [&](int64_t i) { return static_cast<uint32_t>(~(sorted[i] >> 32)); },
+      m, h.g, [&](int64_t i) { return static_cast<uint32_t>(~(sorted[i] >> 32)); },
       [&](int64_t i) { return sorted[i] & 0xffffffffu; }, out);
 }
 
-// u64 keys (float64 errors): sort pixel indices by ~key, 8-bit digits.
+// u64 keys (float64 errors): the head's pixel indices sorted by ~key, 8-bit
+// digits.
 double Row64(const uint64_t* keys, double* out, int64_t n, Scratch& s) {
+  const Head<uint64_t> h = FindHead(keys, n);
+  std::fill(out, out + n, 0.0);
+  if (h.threshold == 0) return 0.0;
   s.a.resize(n);
   s.b.resize(n);
-  int64_t g = 0;
+  int64_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const uint64_t k = keys[i];
-    g += (k != 0) & ((k - 1) & 1);
-    s.a[i] = static_cast<uint64_t>(i);
+    s.a[m] = static_cast<uint64_t>(i);
+    m += keys[i] >= h.threshold;
   }
-  const uint64_t* sorted = RadixSort<8>(s.a.data(), s.b.data(), n, 0, 64,
+  const uint64_t* sorted = RadixSort<8>(s.a.data(), s.b.data(), m, 0, 64,
                                         [&](uint64_t i) { return ~keys[i]; });
   return Walk<uint64_t, double>(
-      n, g, [&](int64_t i) { return keys[sorted[i]]; },
+      m, h.g, [&](int64_t i) { return keys[sorted[i]]; },
       [&](int64_t i) { return sorted[i]; }, out);
 }
 
@@ -379,6 +439,192 @@ ffi::Error LookupImpl(ffi::ThreadPool pool, ffi::AnyBuffer omega, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+//===----------------------------------------------------------------------===//
+// Entry points: lovasz_jax_encode and lovasz_jax_grad (class rows from pixels)
+//===----------------------------------------------------------------------===//
+//
+// The softmax losses hold probabilities pixel-major ([..., P, C]), and the
+// rows are class-major ([..., C, P]). These two passes move between the two
+// layouts while they compute, so that no separate transpose of C x P values
+// runs on either side of the sort:
+//   lovasz_jax_encode: (probs [..., P, C], labels [..., P] s32) -> keys
+//     [..., C, P]: the key of pixel i in row c is encode_keys (num_bins == 0)
+//     or encode_bins (num_bins == K) of the error |[label_i == c] - p_ic|,
+//     bit for bit what lovasz_jax._extension.encode_rows computes in XLA;
+//     label kVoidLabel marks a void pixel (key 0).
+//   lovasz_jax_grad: (probs [..., P, C], labels [..., P], weights
+//     [..., C, P], ct [..., C]) -> [..., P, C]: the gradient of
+//     sum_c ct_c loss_c with respect to the probabilities (d_p = ct_c * w,
+//     negated where label_i == c), and with softmax = 1 with respect to the
+//     logits whose softmax they are: p * (d_p - sum_k d_p_k p_k).
+// Both are independent per pixel; blocks of pixels are shared out like rows.
+
+constexpr int32_t kVoidLabel = INT32_MIN;
+constexpr int64_t kPixelBlock = 4096;
+
+template <typename F, typename K>
+K ErrorKey(F e, bool fg) {
+  using Bits = std::conditional_t<sizeof(F) == 4, uint32_t, uint64_t>;
+  e = std::isnan(e) ? std::numeric_limits<F>::infinity() : e;
+  Bits bits;
+  std::memcpy(&bits, &e, sizeof(bits));
+  return static_cast<K>(((static_cast<K>(bits) << 1) | K(fg)) + 1);
+}
+
+// floor(e * K) clipped to [0, K): e >= 0, so the floor is a truncation, and
+// NaN, inf and e >= 1 all land in the top bin (no comparison with NaN holds).
+template <typename F, typename K>
+K BinKey(F e, bool fg, int64_t num_bins) {
+  const F s = e * static_cast<F>(num_bins);
+  const K bin = s < static_cast<F>(num_bins - 1)
+                    ? static_cast<K>(static_cast<int64_t>(s))
+                    : static_cast<K>(num_bins - 1);
+  return static_cast<K>(((bin << 1) | K(fg)) + 1);
+}
+
+// Keys of one tile of pixels [i0, i0 + n) of group g, written row by row:
+// each class's n keys are contiguous, so the C rows are written as C short
+// runs rather than one scattered store per key.
+template <typename F, typename K>
+void EncodeTile(const F* probs, const int32_t* labels, K* keys, int64_t P,
+                int64_t C, int64_t g, int64_t i0, int64_t n, int64_t num_bins) {
+  const int32_t* lab = labels + g * P + i0;
+  const F* p = probs + (g * P + i0) * C;
+  for (int64_t c = 0; c < C; ++c) {
+    K* out = keys + (g * C + c) * P + i0;
+    if (num_bins) {
+      for (int64_t t = 0; t < n; ++t) {
+        const bool fg = lab[t] == c;
+        const F e = std::fabs(static_cast<F>(fg) - p[t * C + c]);
+        out[t] = lab[t] == kVoidLabel ? K(0) : BinKey<F, K>(e, fg, num_bins);
+      }
+    } else {
+      for (int64_t t = 0; t < n; ++t) {
+        const bool fg = lab[t] == c;
+        const F e = std::fabs(static_cast<F>(fg) - p[t * C + c]);
+        out[t] = lab[t] == kVoidLabel ? K(0) : ErrorKey<F, K>(e, fg);
+      }
+    }
+  }
+}
+
+constexpr int64_t kEncodeTile = 64;
+
+template <typename F, typename K>
+void EncodePixels(ffi::ThreadPool& pool, const F* probs, const int32_t* labels,
+                  K* keys, int64_t groups, int64_t P, int64_t C,
+                  int64_t num_bins) {
+  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
+  if (groups * blocks == 0) return;
+  ParallelRows(pool, groups * blocks, kPixelBlock * C,
+               [=](int64_t first, int64_t last, Scratch&) {
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
+      const int64_t i1 = std::min(P, i0 + kPixelBlock);
+      for (int64_t t0 = i0; t0 < i1; t0 += kEncodeTile)
+        EncodeTile(probs, labels, keys, P, C, g, t0,
+                   std::min(kEncodeTile, i1 - t0), num_bins);
+    }
+  });
+}
+
+ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer probs,
+                      ffi::Buffer<ffi::S32> labels,
+                      ffi::Result<ffi::AnyBuffer> keys, int64_t num_bins) {
+  const auto dims = probs.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("probs must have rank >= 2");
+  const int64_t P = dims[dims.size() - 2], C = dims.back();
+  if (P > static_cast<int64_t>(INT32_MAX))
+    return ffi::Error::InvalidArgument("rows longer than 2^31 - 1 pixels are not supported");
+  if (num_bins < 0 || num_bins > (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("num_bins must be in [0, 2^30]");
+  const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(probs.element_count()) / (P * C);
+  if (static_cast<int64_t>(labels.element_count()) != groups * P ||
+      keys->element_count() != probs.element_count())
+    return ffi::Error::InvalidArgument("labels must be [..., P] and keys [..., C, P]");
+  if (probs.element_type() == ffi::DataType::F32 && keys->element_type() == ffi::DataType::U32)
+    EncodePixels(pool, probs.typed_data<float>(), labels.typed_data(),
+                 keys->typed_data<uint32_t>(), groups, P, C, num_bins);
+  else if (probs.element_type() == ffi::DataType::F64 &&
+           keys->element_type() == ffi::DataType::U64)
+    EncodePixels(pool, probs.typed_data<double>(), labels.typed_data(),
+                 keys->typed_data<uint64_t>(), groups, P, C, num_bins);
+  else
+    return ffi::Error::InvalidArgument("expected f32 probs -> u32 keys or f64 -> u64");
+  return ffi::Error::Success();
+}
+
+constexpr int64_t kGradTile = 64;
+
+template <typename F>
+void GradPixels(ffi::ThreadPool& pool, const F* probs, const int32_t* labels,
+                const F* w, const F* ct, F* d, int64_t groups, int64_t P,
+                int64_t C, bool softmax) {
+  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
+  if (groups * blocks == 0) return;
+  ParallelRows(pool, groups * blocks, kPixelBlock * C,
+               [=](int64_t first, int64_t last, Scratch& s) {
+    std::vector<F> tile(static_cast<size_t>(kGradTile * C));
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
+      const int64_t i1 = std::min(P, i0 + kPixelBlock);
+      for (int64_t t0 = i0; t0 < i1; t0 += kGradTile) {
+        const int64_t n = std::min(kGradTile, i1 - t0);
+        // The tile's weights, pixel-major, scaled by their row's cotangent.
+        for (int64_t c = 0; c < C; ++c) {
+          const F scale = ct[g * C + c];
+          const F* row = w + (g * C + c) * P + t0;
+          for (int64_t t = 0; t < n; ++t) tile[t * C + c] = scale * row[t];
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t i = t0 + t;
+          F* dp = tile.data() + t * C;
+          const int32_t l = labels[g * P + i];
+          if (l >= 0 && l < C) dp[l] = -dp[l];
+          F* out = d + (g * P + i) * C;
+          if (!softmax) {
+            std::copy(dp, dp + C, out);
+            continue;
+          }
+          const F* p = probs + (g * P + i) * C;
+          F dot = 0;
+          for (int64_t c = 0; c < C; ++c) dot += dp[c] * p[c];
+          for (int64_t c = 0; c < C; ++c) out[c] = p[c] * (dp[c] - dot);
+        }
+      }
+    }
+    (void)s;
+  });
+}
+
+ffi::Error GradImpl(ffi::ThreadPool pool, ffi::AnyBuffer probs,
+                    ffi::Buffer<ffi::S32> labels, ffi::AnyBuffer w,
+                    ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> d,
+                    int64_t softmax) {
+  const auto dims = probs.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("probs must have rank >= 2");
+  const int64_t P = dims[dims.size() - 2], C = dims.back();
+  const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(probs.element_count()) / (P * C);
+  if (static_cast<int64_t>(labels.element_count()) != groups * P ||
+      w.element_count() != probs.element_count() ||
+      d->element_count() != probs.element_count() ||
+      (P * C != 0 && static_cast<int64_t>(ct.element_count()) != groups * C))
+    return ffi::Error::InvalidArgument(
+        "labels must be [..., P], weights [..., C, P] and ct [..., C]");
+  const auto t = probs.element_type();
+  if (w.element_type() != t || ct.element_type() != t || d->element_type() != t)
+    return ffi::Error::InvalidArgument("probs, weights, ct and the result must share a dtype");
+  if (t == ffi::DataType::F32)
+    GradPixels(pool, probs.typed_data<float>(), labels.typed_data(), w.typed_data<float>(),
+               ct.typed_data<float>(), d->typed_data<float>(), groups, P, C, softmax != 0);
+  else if (t == ffi::DataType::F64)
+    GradPixels(pool, probs.typed_data<double>(), labels.typed_data(), w.typed_data<double>(),
+               ct.typed_data<double>(), d->typed_data<double>(), groups, P, C, softmax != 0);
+  else
+    return ffi::Error::InvalidArgument("expected f32 or f64");
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #if defined(_WIN32)
@@ -418,3 +664,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxLookup, LookupImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxEncode(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxEncode, EncodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("num_bins"));
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxGrad(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxGrad, GradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("softmax"));

@@ -53,6 +53,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lovasz_jax import _cpu
 from lovasz_jax import _extension
 from lovasz_jax import _order
 from lovasz_jax import _sharding
@@ -275,6 +276,101 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
     w = w[tuple(slice(0, n) for n in keys.shape)]
     losses = losses[tuple(slice(0, n) for n in keys.shape[:-1])]
   return w, losses
+
+
+# The two passes between the softmax losses' pixels and their class rows
+# (``_extension.encode_rows`` and ``rows_grad``) are independent per pixel:
+# they run wherever the pixels are, and only the class axis must be whole.
+# Their operands' layouts, after the leading (group) axes: "p" is the pixel
+# axis, "c" the class axis.
+_PIXELWISE = {"encode": (("pc", "p"), "cp"), "grad": (("pc", "p", "cp", "c"), "pc")}
+
+
+def _pixelwise_fns(kind: str, static: Any):
+  """The native and portable functions of one pixelwise pass."""
+  if kind == "encode":
+    return (lambda *a: _cpu.encode_rows(*a, static),
+            lambda *a: _extension.encode_rows(*a, static))
+  return (lambda *a: _cpu.rows_grad(*a, static),
+          lambda *a: _extension.rows_grad(*a, static))
+
+
+def _pixelwise_specs(kind: str, spec: tuple) -> tuple[list[tuple], tuple]:
+  """Operand and result specs, laid out like probabilities of spec ``spec``."""
+  ins, out = _PIXELWISE[kind]
+  lead, pixel = tuple(spec[:-2]), spec[-2]
+  layout = lambda letters: lead + tuple(pixel if ch == "p" else None
+                                        for ch in letters)
+  return [layout(letters) for letters in ins], layout(out)
+
+
+@functools.cache
+def _native_pixelwise(kind: str, static: Any):
+  """The native pass, with a rule that runs it where the pixels are."""
+  native, _ = _pixelwise_fns(kind, static)
+
+  def shardings(mesh, arg_shapes):
+    ins, out = _pixelwise_specs(
+        kind, _spec(arg_shapes[0].sharding, arg_shapes[0].ndim))
+    return ([NamedSharding(mesh, P(*s)) for s in ins],
+            NamedSharding(mesh, P(*out)))
+
+  def infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    return shardings(mesh, arg_shapes)[1]
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    ins, out = shardings(mesh, arg_shapes)
+    return mesh, native, out, tuple(ins)
+
+  partitioned = custom_partitioning(native)
+  ins, out = _PIXELWISE[kind]
+  rule = (", ".join("... " + " ".join(letters) for letters in ins)
+          + " -> ... " + " ".join(out))
+  partitioned.def_partition(
+      infer_sharding_from_operands=infer, partition=partition,
+      sharding_rule=rule, need_replication_factors=("c",))
+
+  # custom_partitioning has no batching rule; under vmap the mapped axis is
+  # one more leading axis of every operand.
+  @jax.custom_batching.custom_vmap
+  def batchable(*args):
+    return partitioned(*args)
+
+  @batchable.def_vmap
+  def _(axis_size, in_batched, *args):
+    args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, b in zip(args, in_batched)]
+    return batchable(*args), True
+
+  return batchable
+
+
+def _pixelwise(kind: str, static: Any, *args: jax.Array) -> jax.Array:
+  """Runs one pixelwise pass where the pixels are (see ``_PIXELWISE``)."""
+  native, portable = _pixelwise_fns(kind, static)
+  if not _order.native_ok():
+    return portable(*args)
+  mesh = _sharding.explicit_mesh(args[0])
+  if mesh is None:  # one device, automatic sharding, or inside shard_map
+    return lax.platform_dependent(*args, cpu=_native_pixelwise(kind, static),
+                                  default=portable)
+  ins, out = _pixelwise_specs(kind, _sharding.spec_of(args[0]))
+  args = tuple(_sharding.match(a, s, args[0]) for a, s in zip(args, ins))
+  local = lambda *a: lax.platform_dependent(*a, cpu=native, default=portable)
+  return _shard_map(local, mesh, tuple(P(*s) for s in ins), P(*out))(*args)
+
+
+def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array:
+  """``_extension.encode_rows``, on the pixels' devices (native on CPU)."""
+  return _pixelwise("encode", num_bins, probs, labels)
+
+
+def rows_grad(probs: jax.Array, labels: jax.Array, w: jax.Array, ct: jax.Array,
+              softmax: bool) -> jax.Array:
+  """``_extension.rows_grad``, on the pixels' devices (native on CPU)."""
+  return _pixelwise("grad", softmax, probs, labels, w, ct)
 
 
 def reduce_counts(fn: Any, arrays: tuple, *, keep: int = 0,

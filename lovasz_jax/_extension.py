@@ -103,6 +103,59 @@ def encode(errors: jax.Array, fg: jax.Array, valid: jax.Array,
   return encode_keys(errors, fg, valid)
 
 
+# The label of a void pixel in the class rows that ``encode_rows`` builds
+# (every valid label is at least -C, even after a shift by a chunk's first
+# class, so none can be taken for it).
+VOID_LABEL = -(2**31)
+
+
+def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array:
+  """Keys of every class row, from pixel-major probabilities.
+
+  Row ``c`` of a group holds the keys of the errors
+  ``|[label_i == c] - p_ic|`` of its pixels (``encode``).
+
+  Args:
+    probs: float ``[..., P, C]`` probabilities.
+    labels: int32 ``[..., P]``: pixel ``i`` is foreground in row
+      ``labels[i]`` (a value outside ``[0, C)`` is foreground in none), or
+      void if ``VOID_LABEL``.
+    num_bins: 0 (exact keys) or the histogram's bins.
+
+  Returns:
+    Keys ``[..., C, P]`` (uint32, or uint64 for float64).
+  """
+  fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
+  valid = jnp.broadcast_to((labels != VOID_LABEL)[..., None], probs.shape)
+  errors = jnp.abs(fg.astype(probs.dtype) - probs)
+  rows = lambda a: jnp.swapaxes(a, -1, -2)
+  return encode(rows(errors), rows(fg), rows(valid), num_bins)
+
+
+def rows_grad(probs: jax.Array, labels: jax.Array, w: jax.Array,
+              ct: jax.Array, softmax: bool) -> jax.Array:
+  """The gradient of ``sum_c ct_c loss_c`` for rows built by ``encode_rows``.
+
+  Args:
+    probs: ``[..., P, C]`` as given to ``encode_rows``.
+    labels: int32 ``[..., P]`` as given to ``encode_rows``.
+    w: each pixel's Lovász weight in each row ``[..., C, P]`` (0 if void).
+    ct: ``[..., C]`` the cotangent of each row's loss.
+    softmax: whether ``probs`` are the softmax of logits: the gradient is
+      then with respect to the logits.
+
+  Returns:
+    ``[..., P, C]``, the dtype of ``probs``.
+  """
+  fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
+  w = jnp.swapaxes(w, -1, -2)
+  d_probs = ct[..., None, :].astype(w.dtype) * jnp.where(fg, -w, w)
+  if not softmax:
+    return d_probs.astype(probs.dtype)
+  d_x = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  return d_x.astype(probs.dtype)
+
+
 def prefix_counts(flags: jax.Array) -> jax.Array:
   """Inclusive prefix counts of boolean ``flags`` along the last axis (int32).
 
@@ -191,27 +244,32 @@ def slot_weights(counts: jax.Array, num_bins: int,
     ``omega [..., 2K + 1]`` (0 for slot 0 and empty slots), and the row
     losses ``[...]``.
   """
-  slots = 2 * num_bins + 1
-  desc = counts[..., :0:-1]                     # slots 2K .. 1, descending
+  # Bin b holds slots 2b + 1 (background) and 2b + 2 (foreground): the
+  # counts as [..., K, (bg, fg)], bins in descending order of error. One
+  # cumulative sum along the bins gives both running counts (inclusive).
+  lead = counts.shape[:-1]
+  pairs = counts[..., 1:].reshape(lead + (num_bins, 2))[..., ::-1, :]
+  running = jnp.cumsum(pairs, axis=-2)
+  n_bg, n_fg = pairs[..., 0], pairs[..., 1]
+  tp_incl, fp_incl = running[..., 1], running[..., 0]
+  g = tp_incl[..., -1:]
+  fp = fp_incl - n_bg          # before the bin (foreground comes first)
+  u = (g + fp).astype(dtype)
+  w_fg = 1 / jnp.maximum(u, 1)
+  # A background slot comes after its bin's foreground pixels (tp_incl),
+  # which add nothing to the union.
+  nb = n_bg.astype(dtype)
+  w_bg = jnp.where(u == 0, 1 / jnp.maximum(nb, 1),
+                   (g - tp_incl).astype(dtype) / (jnp.maximum(u, 1) * (u + nb)))
+  w_fg = jnp.where(n_fg > 0, w_fg, 0)
+  w_bg = jnp.where(n_bg > 0, w_bg, 0)
   # Built from an iota, not a NumPy constant: this runs inside
   # custom_partitioning rules, which take no constants.
-  slot = slots - 1 - lax.broadcasted_iota(jnp.int32, desc.shape, desc.ndim - 1)
-  is_fg = (slot - 1) & 1 == 1
-  tp_after = jnp.cumsum(jnp.where(is_fg, desc, 0), axis=-1)
-  fp_after = jnp.cumsum(jnp.where(is_fg, 0, desc), axis=-1)
-  g = tp_after[..., -1:]
-  tp = tp_after - jnp.where(is_fg, desc, 0)     # before the slot
-  fp = fp_after - jnp.where(is_fg, 0, desc)
-  u = (g + fp).astype(dtype)
-  n = desc.astype(dtype)
-  w_fg = 1 / jnp.maximum(u, 1)
-  w_bg = jnp.where(u == 0, 1 / jnp.maximum(n, 1),
-                   (g - tp).astype(dtype) / (jnp.maximum(u, 1) * (u + n)))
-  omega = jnp.where(desc > 0, jnp.where(is_fg, w_fg, w_bg), 0)
-  centre = ((((slot - 1) >> 1) + 0.5) / num_bins).astype(dtype)
-  losses = jnp.sum(n * omega * centre, axis=-1)
-  by_key = jnp.concatenate([jnp.zeros_like(omega[..., :1]), omega[..., ::-1]],
-                           axis=-1)
+  bins = num_bins - 1 - lax.broadcasted_iota(jnp.int32, n_fg.shape, n_fg.ndim - 1)
+  centre = ((bins + 0.5) / num_bins).astype(dtype)
+  losses = jnp.sum(centre * (n_fg.astype(dtype) * w_fg + nb * w_bg), axis=-1)
+  by_bin = jnp.stack([w_bg, w_fg], axis=-1)[..., ::-1, :].reshape(lead + (2 * num_bins,))
+  by_key = jnp.concatenate([jnp.zeros_like(by_bin[..., :1]), by_bin], axis=-1)
   return by_key, losses
 
 

@@ -266,7 +266,9 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
       labels.shape[1:] if per_image else labels.shape, rows_axis))
   nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
   labels = _inputs.narrow_labels(labels, valid, 0, num_classes)
-  x = jnp.where(valid[..., None], _inputs.nan_gradient_if(x, nan_if_bad), 0)
+  # Void pixels' logits (which may be anything) are masked inside the rows'
+  # VJP, and the NaN factor too, so that neither costs a pass over the
+  # gradient.
   if isinstance(classes, str):
     selected = (True,) * num_classes
   else:
@@ -277,7 +279,7 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   # With axis_name, batch-mode rows are split over the devices; per_image
   # rows are whole (or split over image_axis_name), and the mean over
   # images crosses devices.
-  losses = _softmax_row_losses(x, lab, val, selected, from_logits,
+  losses = _softmax_row_losses(x, lab, val, nan_if_bad, selected, from_logits,
                                class_chunk_size, num_bins, rows_axis,
                                not per_image)             # [G, C]
   if classes == "present":
@@ -291,40 +293,39 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   return loss * nan_if_bad
 
 
-# The softmax rows have a hand-written VJP so that the only large residual is
-# the weight array: the backward pass recomputes the probabilities from the
-# logits and forms d loss / d logits in one pass, never materialising the
-# probabilities' cotangent. With class_chunk_size, classes are processed a
-# chunk at a time (a lax.scan writing each chunk's weights into one [G, C, P]
-# array), so the forward pass holds the keys of one chunk.
+# The softmax rows have a hand-written VJP. The forward pass takes the
+# probabilities once (XLA's softmax, pixel-major), and one pixelwise pass
+# (``_distribute.encode_rows``: the native kernel on CPU) builds the
+# class-major keys of every row; the weights come from ``row_weights``. The
+# backward pass is one more pixelwise pass (``rows_grad``) from the weights
+# to d loss / d logits, so the probabilities' cotangent is never
+# materialised and no layout change runs in XLA. The residuals are the
+# probabilities and the weights. With class_chunk_size, classes are
+# processed a chunk at a time (a lax.scan writing each chunk's weights into
+# one [G, C, P] array), so the forward pass holds the keys of one chunk.
 # Unselected classes are rows with no valid pixel: they cost no ordering.
 
 
-def _chunk_rows(num_bins, axis_name, spans_batch, x, lab, val, log_norm, cls,
-                row_valid):
-  """Weights [G, k, P] and losses [G, k] of the classes ``cls`` ([k])."""
-  logits = jnp.take(x, cls, axis=-1)                       # [G, P, k]
-  probs = logits if log_norm is None else jnp.exp(logits - log_norm)
-  fg = lab[:, :, None] == cls[None, None, :]
-  errors = jnp.abs(fg.astype(probs.dtype) - probs)
-  valid = val[:, :, None] & row_valid[None, None, :]
-  rows = lambda a: jnp.swapaxes(a, 1, 2)                   # -> [G, k, P]
-  keys = _extension.encode(rows(errors), rows(fg), rows(valid), num_bins)
+def _chunk_rows(num_bins, axis_name, spans_batch, probs, lab, row_valid):
+  """Weights [G, k, P] and losses [G, k] of the classes of ``probs`` [G, P, k]."""
+  keys = _distribute.encode_rows(probs, lab, num_bins)    # [G, k, P]
+  if row_valid is not None:
+    keys = jnp.where(row_valid[None, :, None], keys, 0)
   return _distribute.row_weights(keys, num_bins, axis_name, spans_batch)
 
 
-def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins,
-                      axis_name, spans_batch):
+def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
+                      num_bins, axis_name, spans_batch):
   groups, pixels, num_classes = x.shape
-  log_norm = (jax.nn.logsumexp(x, axis=-1, keepdims=True) if from_logits
-              else None)
+  x = jnp.where(val[..., None], x, 0)
+  probs = jax.nn.softmax(x, axis=-1) if from_logits else x
+  lab = jnp.where(val, lab, _extension.VOID_LABEL)
   selected = np.asarray(selected)
   chunk = num_classes if chunk is None else min(chunk, num_classes)
-  rows = functools.partial(_chunk_rows, num_bins, axis_name, spans_batch, x,
-                           lab, val, log_norm)
+  rows = functools.partial(_chunk_rows, num_bins, axis_name, spans_batch)
   if chunk == num_classes:
-    w, losses = rows(np.arange(num_classes), selected)
-    return losses, (x, lab, log_norm, w)
+    w, losses = rows(probs, lab, None if selected.all() else selected)
+    return losses, (probs, lab, factor, w)
   # Chunks of `chunk` classes, one after another (lax.scan), each writing its
   # rows into one [G, C, P] weight array; the last chunk ends at the last
   # class (it overlaps the one before when `chunk` does not divide C, and
@@ -336,7 +337,10 @@ def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins,
   def step(carry, a):
     w_all, l_all = carry
     start, ids, row_valid = a
-    w, losses = rows(ids, row_valid)
+    # A chunk's labels count from its first class; void stays void.
+    chunk_lab = jnp.where(lab == _extension.VOID_LABEL, lab,
+                          lab - start.astype(lab.dtype))
+    w, losses = rows(jnp.take(probs, ids, axis=-1), chunk_lab, row_valid)
     w_all = lax.dynamic_update_slice_in_dim(w_all, w.astype(w_all.dtype), start, 1)
     l_all = lax.dynamic_update_slice_in_dim(l_all, losses, start, 1)
     return (w_all, l_all), None
@@ -354,29 +358,31 @@ def _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk, num_bins,
   init = (_sharding.pcast_varying(init[0], vary),
           _sharding.pcast_varying(init[1], tuple(a for a in vary if a not in split)))
   (w, losses), _ = lax.scan(step, init, (starts, cls, selected[cls]))
-  return losses, (x, lab, log_norm, w)
+  return losses, (probs, lab, factor, w)
 
 
 def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, axis_name,
                       spans_batch, residuals, ct):
-  del selected, from_logits, chunk, num_bins, axis_name, spans_batch
-  x, lab, log_norm, w = residuals
-  num_classes = x.shape[-1]
-  w = jnp.swapaxes(w, 1, 2)                                # [G, P, C]
-  fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
-  d_probs = ct[:, None, :].astype(w.dtype) * jnp.where(fg, -w, w)
-  if log_norm is None:
-    return d_probs.astype(x.dtype), None, None
-  probs = jnp.exp(x - log_norm)
-  d_x = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
-  return d_x.astype(x.dtype), None, None
+  del selected, chunk, num_bins, axis_name, spans_batch
+  probs, lab, factor, w = residuals
+  # A NaN factor makes every row's cotangent NaN, so every entry of the
+  # gradient is NaN; otherwise void pixels (weight 0, finite probabilities)
+  # get exactly 0.
+  ct = ct.astype(w.dtype) * factor.astype(w.dtype)
+  d_x = _distribute.rows_grad(probs, lab, w, ct, from_logits)
+  return d_x.astype(probs.dtype), None, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _softmax_row_losses(x, lab, val, selected, from_logits, chunk, num_bins,
-                        axis_name, spans_batch):
-  """Lovász extension of every (group, class) row: ``[G, P, C] -> [G, C]``."""
-  return _softmax_rows_fwd(x, lab, val, selected, from_logits, chunk,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _softmax_row_losses(x, lab, val, factor, selected, from_logits, chunk,
+                        num_bins, axis_name, spans_batch):
+  """Lovász extension of every (group, class) row: ``[G, P, C] -> [G, C]``.
+
+  Void pixels (``val`` false) take part in nothing, whatever their logits,
+  and get zero gradient. Every entry of the gradient is multiplied by
+  ``factor`` (1, or NaN for bad input: ``_inputs.poison``).
+  """
+  return _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
                            num_bins, axis_name, spans_batch)[0]
 
 
