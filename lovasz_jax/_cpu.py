@@ -269,13 +269,16 @@ def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array
   return _varying_like(probs, call(probs, labels, num_bins=np.int64(num_bins)))[0]
 
 
-def rows_grad(probs: jax.Array, labels: jax.Array, w: jax.Array,
+def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,
               ct: jax.Array, softmax: bool) -> jax.Array:
-  """``_extension.rows_grad`` on CPU: the gradient ``[..., P, C]``."""
+  """``_extension.rows_grad`` on CPU: the gradient ``[..., P, C]``.
+
+  ``lse`` is ``[..., P]`` (any values when not ``softmax``).
+  """
   if not available():
     raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
                        f"{_registration_error() or 'switched off'}")
-  call = jax.ffi.ffi_call(_GRAD_TARGET, jax.ShapeDtypeStruct(probs.shape, probs.dtype),
+  call = jax.ffi.ffi_call(_GRAD_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
                           vmap_method="broadcast_all")
-  return _varying_like(probs, call(probs, labels, w, ct,
-                                   softmax=np.int64(bool(softmax))))[0]
+  return _varying_like(x, call(x, lse, labels, w, ct,
+                               softmax=np.int64(bool(softmax))))[0]

@@ -452,11 +452,13 @@ ffi::Error LookupImpl(ffi::ThreadPool pool, ffi::AnyBuffer omega, ffi::AnyBuffer
 //     or encode_bins (num_bins == K) of the error |[label_i == c] - p_ic|,
 //     bit for bit what lovasz_jax._extension.encode_rows computes in XLA;
 //     label kVoidLabel marks a void pixel (key 0).
-//   lovasz_jax_grad: (probs [..., P, C], labels [..., P], weights
-//     [..., C, P], ct [..., C]) -> [..., P, C]: the gradient of
-//     sum_c ct_c loss_c with respect to the probabilities (d_p = ct_c * w,
-//     negated where label_i == c), and with softmax = 1 with respect to the
-//     logits whose softmax they are: p * (d_p - sum_k d_p_k p_k).
+//   lovasz_jax_grad: (x [..., P, C], lse [..., P], labels [..., P],
+//     weights [..., C, P], ct [..., C]) -> [..., P, C]: the gradient of
+//     sum_c ct_c loss_c with respect to the probabilities x (d_p = ct_c * w,
+//     negated where label_i == c), or with softmax = 1 with respect to the
+//     logits x, whose probabilities p = exp(x - lse) it recomputes (nothing
+//     of the probabilities' size is kept for it): p * (d_p - sum_k d_p_k p_k).
+//     Void pixels get d_p, which is 0 (or NaN with a NaN cotangent).
 // Both are independent per pixel; blocks of pixels are shared out like rows.
 
 constexpr int32_t kVoidLabel = INT32_MIN;
@@ -556,15 +558,42 @@ ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer probs,
 
 constexpr int64_t kGradTile = 64;
 
+// exp(x) for x <= 0 (a log-probability), in a form that vectorises: x is
+// clamped to [-87, 0] (exp(-87) is about 1.6e-38: smaller probabilities weigh
+// nothing next to 1), split as n ln2 + r with |r| <= ln2 / 2 (n rounded to
+// nearest by the 1.5 * 2^23 trick), e^r from its degree-7 Taylor polynomial
+// (relative error under 2e-7 on that interval), and 2^n put into the
+// exponent bits.
+inline float ExpLogProb(float x) {
+  x = std::min(std::max(x, -87.0f), 0.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double ExpLogProb(double x) { return std::exp(x); }
+
 template <typename F>
-void GradPixels(ffi::ThreadPool& pool, const F* probs, const int32_t* labels,
-                const F* w, const F* ct, F* d, int64_t groups, int64_t P,
-                int64_t C, bool softmax) {
+void GradPixels(ffi::ThreadPool& pool, const F* x, const F* lse,
+                const int32_t* labels, const F* w, const F* ct, F* d,
+                int64_t groups, int64_t P, int64_t C, bool softmax) {
   const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
   if (groups * blocks == 0) return;
   ParallelRows(pool, groups * blocks, kPixelBlock * C,
-               [=](int64_t first, int64_t last, Scratch& s) {
-    std::vector<F> tile(static_cast<size_t>(kGradTile * C));
+               [=](int64_t first, int64_t last, Scratch&) {
+    std::vector<F> tile(static_cast<size_t>(2 * kGradTile * C));
+    F* dp_tile = tile.data();
+    F* p_tile = dp_tile + kGradTile * C;
     for (int64_t u = first; u < last; ++u) {
       const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
       const int64_t i1 = std::min(P, i0 + kPixelBlock);
@@ -574,52 +603,64 @@ void GradPixels(ffi::ThreadPool& pool, const F* probs, const int32_t* labels,
         for (int64_t c = 0; c < C; ++c) {
           const F scale = ct[g * C + c];
           const F* row = w + (g * C + c) * P + t0;
-          for (int64_t t = 0; t < n; ++t) tile[t * C + c] = scale * row[t];
+          for (int64_t t = 0; t < n; ++t) dp_tile[t * C + c] = scale * row[t];
+        }
+        const F* xt = x + (g * P + t0) * C;
+        if (softmax) {  // the tile's probabilities, in one vectorised loop
+          for (int64_t t = 0; t < n; ++t) {
+            const F l = lse[g * P + t0 + t];
+            for (int64_t c = 0; c < C; ++c) p_tile[t * C + c] = xt[t * C + c] - l;
+          }
+          for (int64_t e = 0; e < n * C; ++e) p_tile[e] = ExpLogProb(p_tile[e]);
         }
         for (int64_t t = 0; t < n; ++t) {
-          const int64_t i = t0 + t;
-          F* dp = tile.data() + t * C;
-          const int32_t l = labels[g * P + i];
+          F* dp = dp_tile + t * C;
+          const int32_t l = labels[g * P + t0 + t];
           if (l >= 0 && l < C) dp[l] = -dp[l];
-          F* out = d + (g * P + i) * C;
-          if (!softmax) {
+          F* out = d + (g * P + t0 + t) * C;
+          // Void pixels (weight 0) take d_p itself: 0, or NaN when the
+          // cotangent is (bad input), whatever their logits hold.
+          if (!softmax || l == kVoidLabel) {
             std::copy(dp, dp + C, out);
             continue;
           }
-          const F* p = probs + (g * P + i) * C;
+          const F* pr = p_tile + t * C;
           F dot = 0;
-          for (int64_t c = 0; c < C; ++c) dot += dp[c] * p[c];
-          for (int64_t c = 0; c < C; ++c) out[c] = p[c] * (dp[c] - dot);
+          for (int64_t c = 0; c < C; ++c) dot += dp[c] * pr[c];
+          for (int64_t c = 0; c < C; ++c) out[c] = pr[c] * (dp[c] - dot);
         }
       }
     }
-    (void)s;
   });
 }
 
-ffi::Error GradImpl(ffi::ThreadPool pool, ffi::AnyBuffer probs,
+ffi::Error GradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer lse,
                     ffi::Buffer<ffi::S32> labels, ffi::AnyBuffer w,
                     ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> d,
                     int64_t softmax) {
-  const auto dims = probs.dimensions();
-  if (dims.size() < 2) return ffi::Error::InvalidArgument("probs must have rank >= 2");
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
   const int64_t P = dims[dims.size() - 2], C = dims.back();
-  const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(probs.element_count()) / (P * C);
+  const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(x.element_count()) / (P * C);
   if (static_cast<int64_t>(labels.element_count()) != groups * P ||
-      w.element_count() != probs.element_count() ||
-      d->element_count() != probs.element_count() ||
+      static_cast<int64_t>(lse.element_count()) != groups * P ||
+      w.element_count() != x.element_count() ||
+      d->element_count() != x.element_count() ||
       (P * C != 0 && static_cast<int64_t>(ct.element_count()) != groups * C))
     return ffi::Error::InvalidArgument(
-        "labels must be [..., P], weights [..., C, P] and ct [..., C]");
-  const auto t = probs.element_type();
-  if (w.element_type() != t || ct.element_type() != t || d->element_type() != t)
-    return ffi::Error::InvalidArgument("probs, weights, ct and the result must share a dtype");
+        "lse and labels must be [..., P], weights [..., C, P] and ct [..., C]");
+  const auto t = x.element_type();
+  if (lse.element_type() != t || w.element_type() != t || ct.element_type() != t ||
+      d->element_type() != t)
+    return ffi::Error::InvalidArgument("x, lse, weights, ct and the result must share a dtype");
   if (t == ffi::DataType::F32)
-    GradPixels(pool, probs.typed_data<float>(), labels.typed_data(), w.typed_data<float>(),
-               ct.typed_data<float>(), d->typed_data<float>(), groups, P, C, softmax != 0);
+    GradPixels(pool, x.typed_data<float>(), lse.typed_data<float>(), labels.typed_data(),
+               w.typed_data<float>(), ct.typed_data<float>(), d->typed_data<float>(),
+               groups, P, C, softmax != 0);
   else if (t == ffi::DataType::F64)
-    GradPixels(pool, probs.typed_data<double>(), labels.typed_data(), w.typed_data<double>(),
-               ct.typed_data<double>(), d->typed_data<double>(), groups, P, C, softmax != 0);
+    GradPixels(pool, x.typed_data<double>(), lse.typed_data<double>(), labels.typed_data(),
+               w.typed_data<double>(), ct.typed_data<double>(), d->typed_data<double>(),
+               groups, P, C, softmax != 0);
   else
     return ffi::Error::InvalidArgument("expected f32 or f64");
   return ffi::Error::Success();
@@ -678,6 +719,7 @@ extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxGrad(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxGrad, GradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()

@@ -283,7 +283,8 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
 # they run wherever the pixels are, and only the class axis must be whole.
 # Their operands' layouts, after the leading (group) axes: "p" is the pixel
 # axis, "c" the class axis.
-_PIXELWISE = {"encode": (("pc", "p"), "cp"), "grad": (("pc", "p", "cp", "c"), "pc")}
+_PIXELWISE = {"encode": (("pc", "p"), "cp"),
+              "grad": (("pc", "pc", "p", "p", "cp", "c"), "pc")}
 
 
 def _pixelwise_fns(kind: str, static: Any):
@@ -291,8 +292,11 @@ def _pixelwise_fns(kind: str, static: Any):
   if kind == "encode":
     return (lambda *a: _cpu.encode_rows(*a, static),
             lambda *a: _extension.encode_rows(*a, static))
-  return (lambda *a: _cpu.rows_grad(*a, static),
-          lambda *a: _extension.rows_grad(*a, static))
+  # The gradient's native pass reads the raw logits (it skips void pixels
+  # itself); XLA's formula reads them with void pixels zeroed. Only one of
+  # the two is used in a program compiled for one platform.
+  return (lambda x, masked, *a: _cpu.rows_grad(x, *a, static),
+          lambda x, masked, *a: _extension.rows_grad(masked, *a, static))
 
 
 def _pixelwise_specs(kind: str, spec: tuple) -> tuple[list[tuple], tuple]:
@@ -363,14 +367,33 @@ def _pixelwise(kind: str, static: Any, *args: jax.Array) -> jax.Array:
 
 
 def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array:
-  """``_extension.encode_rows``, on the pixels' devices (native on CPU)."""
-  return _pixelwise("encode", num_bins, probs, labels)
+  """``_extension.encode_rows``, on the pixels' devices (native on CPU).
+
+  The keys are integers: nothing is differentiated through them.
+  """
+  return _pixelwise("encode", num_bins, lax.stop_gradient(probs), labels)
 
 
-def rows_grad(probs: jax.Array, labels: jax.Array, w: jax.Array, ct: jax.Array,
-              softmax: bool) -> jax.Array:
-  """``_extension.rows_grad``, on the pixels' devices (native on CPU)."""
-  return _pixelwise("grad", softmax, probs, labels, w, ct)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def rows_grad(x: jax.Array, masked: jax.Array, lse: jax.Array, labels: jax.Array,
+              w: jax.Array, ct: jax.Array, softmax: bool) -> jax.Array:
+  """``_extension.rows_grad``, on the pixels' devices (native on CPU).
+
+  ``x`` as the loss got it, and ``masked``, the same with void pixels zeroed
+  (what XLA's formula reads; the native pass skips void pixels itself).
+  Differentiable (Hessian-vector products differentiate the losses' backward
+  pass): its derivative is that of the XLA formula.
+  """
+  return _pixelwise("grad", softmax, x, masked, lse, labels, w, ct)
+
+
+@rows_grad.defjvp
+def _rows_grad_jvp(softmax, primals, tangents):
+  x, masked, lse, labels, w, ct = primals
+  _, t_masked, t_lse, _, t_w, t_ct = tangents
+  formula = lambda a, b, v, c: _extension.rows_grad(a, b, labels, v, c, softmax)
+  _, tangent = jax.jvp(formula, (masked, lse, w, ct), (t_masked, t_lse, t_w, t_ct))
+  return rows_grad(x, masked, lse, labels, w, ct, softmax), tangent
 
 
 def reduce_counts(fn: Any, arrays: tuple, *, keep: int = 0,

@@ -132,28 +132,40 @@ def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array
   return encode(rows(errors), rows(fg), rows(valid), num_bins)
 
 
-def rows_grad(probs: jax.Array, labels: jax.Array, w: jax.Array,
+def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,
               ct: jax.Array, softmax: bool) -> jax.Array:
   """The gradient of ``sum_c ct_c loss_c`` for rows built by ``encode_rows``.
 
   Args:
-    probs: ``[..., P, C]`` as given to ``encode_rows``.
+    x: ``[..., P, C]``: the probabilities given to ``encode_rows``, or with
+      ``softmax`` the logits whose probabilities they were; finite at void
+      pixels (the losses zero them there).
+    lse: ``[..., P]``: with ``softmax``, the logits' log-sum-exp over the
+      classes (the probabilities are recomputed as ``exp(x - lse)``, so
+      nothing of their size is kept for the backward pass); else unused.
     labels: int32 ``[..., P]`` as given to ``encode_rows``.
     w: each pixel's Lovász weight in each row ``[..., C, P]`` (0 if void).
     ct: ``[..., C]`` the cotangent of each row's loss.
-    softmax: whether ``probs`` are the softmax of logits: the gradient is
-      then with respect to the logits.
+    softmax: whether the gradient is with respect to logits.
 
   Returns:
-    ``[..., P, C]``, the dtype of ``probs``.
+    ``[..., P, C]``, the dtype of ``x``: 0 at void pixels (NaN everywhere for
+    a NaN cotangent).
   """
-  fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
+  fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   w = jnp.swapaxes(w, -1, -2)
   d_probs = ct[..., None, :].astype(w.dtype) * jnp.where(fg, -w, w)
   if not softmax:
-    return d_probs.astype(probs.dtype)
+    return d_probs.astype(x.dtype)
+  # The barrier keeps XLA from merging this recomputation with the forward
+  # pass's probabilities (which would keep those alive until here).
+  x, lse = lax.optimization_barrier((x, lse))
+  # The barrier keeps XLA from merging this recomputation with the forward
+  # pass's probabilities (which would keep those alive until here).
+  x, lse = lax.optimization_barrier((x, lse))
+  probs = jnp.exp(x - lse[..., None])
   d_x = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
-  return d_x.astype(probs.dtype)
+  return d_x.astype(x.dtype)
 
 
 def prefix_counts(flags: jax.Array) -> jax.Array:

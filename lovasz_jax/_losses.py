@@ -294,13 +294,13 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
 
 
 # The softmax rows have a hand-written VJP. The forward pass takes the
-# probabilities once (XLA's softmax, pixel-major), and one pixelwise pass
+# probabilities once (XLA, pixel-major), and one pixelwise pass
 # (``_distribute.encode_rows``: the native kernel on CPU) builds the
 # class-major keys of every row; the weights come from ``row_weights``. The
 # backward pass is one more pixelwise pass (``rows_grad``) from the weights
-# to d loss / d logits, so the probabilities' cotangent is never
-# materialised and no layout change runs in XLA. The residuals are the
-# probabilities and the weights. With class_chunk_size, classes are
+# to d loss / d logits: it recomputes the probabilities from the logits and
+# their log-sum-exp, so the probabilities' cotangent is never materialised,
+# no layout change runs in XLA, and the only large residual is the weights. With class_chunk_size, classes are
 # processed a chunk at a time (a lax.scan writing each chunk's weights into
 # one [G, C, P] array), so the forward pass holds the keys of one chunk.
 # Unselected classes are rows with no valid pixel: they cost no ordering.
@@ -317,15 +317,20 @@ def _chunk_rows(num_bins, axis_name, spans_batch, probs, lab, row_valid):
 def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
                       num_bins, axis_name, spans_batch):
   groups, pixels, num_classes = x.shape
-  x = jnp.where(val[..., None], x, 0)
-  probs = jax.nn.softmax(x, axis=-1) if from_logits else x
+  # Void pixels' logits may hold anything (NaN too): they are zeroed, and the
+  # keys of void pixels are 0 whatever their probabilities.
+  masked = jnp.where(val[..., None], x, 0)
+  lse = (jax.nn.logsumexp(masked, axis=-1) if from_logits
+         else jnp.zeros(x.shape[:-1], x.dtype))
+  # The probabilities of some classes (all, or one chunk's).
+  probs = lambda m: jnp.exp(m - lse[..., None]) if from_logits else m
   lab = jnp.where(val, lab, _extension.VOID_LABEL)
   selected = np.asarray(selected)
   chunk = num_classes if chunk is None else min(chunk, num_classes)
   rows = functools.partial(_chunk_rows, num_bins, axis_name, spans_batch)
   if chunk == num_classes:
-    w, losses = rows(probs, lab, None if selected.all() else selected)
-    return losses, (probs, lab, factor, w)
+    w, losses = rows(probs(masked), lab, None if selected.all() else selected)
+    return losses, (x, masked, lse, lab, factor, w)
   # Chunks of `chunk` classes, one after another (lax.scan), each writing its
   # rows into one [G, C, P] weight array; the last chunk ends at the last
   # class (it overlaps the one before when `chunk` does not divide C, and
@@ -340,7 +345,7 @@ def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
     # A chunk's labels count from its first class; void stays void.
     chunk_lab = jnp.where(lab == _extension.VOID_LABEL, lab,
                           lab - start.astype(lab.dtype))
-    w, losses = rows(jnp.take(probs, ids, axis=-1), chunk_lab, row_valid)
+    w, losses = rows(probs(jnp.take(masked, ids, axis=-1)), chunk_lab, row_valid)
     w_all = lax.dynamic_update_slice_in_dim(w_all, w.astype(w_all.dtype), start, 1)
     l_all = lax.dynamic_update_slice_in_dim(l_all, losses, start, 1)
     return (w_all, l_all), None
@@ -358,19 +363,18 @@ def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
   init = (_sharding.pcast_varying(init[0], vary),
           _sharding.pcast_varying(init[1], tuple(a for a in vary if a not in split)))
   (w, losses), _ = lax.scan(step, init, (starts, cls, selected[cls]))
-  return losses, (probs, lab, factor, w)
+  return losses, (x, masked, lse, lab, factor, w)
 
 
 def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, axis_name,
                       spans_batch, residuals, ct):
   del selected, chunk, num_bins, axis_name, spans_batch
-  probs, lab, factor, w = residuals
+  x, masked, lse, lab, factor, w = residuals
   # A NaN factor makes every row's cotangent NaN, so every entry of the
-  # gradient is NaN; otherwise void pixels (weight 0, finite probabilities)
-  # get exactly 0.
+  # gradient is NaN; otherwise void pixels (weight 0) get exactly 0.
   ct = ct.astype(w.dtype) * factor.astype(w.dtype)
-  d_x = _distribute.rows_grad(probs, lab, w, ct, from_logits)
-  return d_x.astype(probs.dtype), None, None, None
+  d_x = _distribute.rows_grad(x, masked, lse, lab, w, ct, from_logits)
+  return d_x.astype(x.dtype), None, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))

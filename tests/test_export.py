@@ -76,8 +76,9 @@ def test_export_refuses_the_custom_call_unless_its_check_is_disabled():
   fn = jax.jit(lovasz_jax.lovasz_softmax)
   with pytest.raises(ValueError, match="custom calls .*no compatibility guarantees"):
     export.export(fn, platforms=["cpu"])(logits, labels)
-  check = export.DisabledSafetyCheck.custom_call(TARGET)
-  exported = export.export(fn, platforms=["cpu"], disabled_checks=[check])(logits, labels)
+  checks = [export.DisabledSafetyCheck.custom_call(t)
+            for t in lovasz_jax.CPU_CUSTOM_CALL_TARGETS]
+  exported = export.export(fn, platforms=["cpu"], disabled_checks=checks)(logits, labels)
   assert TARGET in exported.mlir_module()
 
 
@@ -91,10 +92,37 @@ def test_exported_loss_runs_in_a_fresh_process_after_import(tmp_path):
   proc = run_python(CALL.format(imports="import lovasz_jax"), blob, data)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith("ok")
-  # Without the import, nothing registers the kernel's target.
+  # Without the import, nothing registers the kernel's targets.
   proc = run_python(CALL.format(imports=""), blob, data)
   assert proc.returncode != 0
-  assert f"No FFI handler registered for {TARGET}" in proc.stderr, proc.stderr[-3000:]
+  assert re.search("No FFI handler registered for lovasz_jax_", proc.stderr), \
+      proc.stderr[-3000:]
+
+
+# A program exported by lovasz_jax 0.2.0 (the EXPORT script above, run on
+# that release's source tree, git 362c89b, with its kernel built): it names the custom calls of that release (lovasz_jax_weights,
+# lovasz_jax_counts and lovasz_jax_lookup), which this version still
+# registers with the same meaning, so it still loads and gives this
+# version's loss and gradient.
+OLD_EXPORT = pathlib.Path(__file__).parent / "data" / "loss_v0.2.0.jax_exported"
+
+
+@needs_kernel
+def test_program_exported_by_the_previous_release_still_runs():
+  with open(OLD_EXPORT, "rb") as f:
+    exported = export.deserialize(bytearray(f.read()))
+  module = exported.mlir_module()
+  old_targets = ("lovasz_jax_weights", "lovasz_jax_counts", "lovasz_jax_lookup")
+  assert all(t in module for t in old_targets)
+  assert "lovasz_jax_encode" not in module
+  logits = jax.random.normal(jax.random.key(0), (2, 24, 24, 5))
+  labels = jax.random.randint(jax.random.key(1), (2, 24, 24), 0, 5)
+  fn = jax.jit(jax.value_and_grad(lambda x, y: lovasz_jax.lovasz_softmax(x, y)
+                                  + lovasz_jax.lovasz_softmax(x, y, method="histogram")))
+  loss, grad = exported.call(logits, labels)
+  want_loss, want_grad = fn(logits, labels)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
 
 
 # Shape polymorphism: one export serves every batch and height. Sizes are
