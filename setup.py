@@ -68,8 +68,12 @@ class BuildKernel(build_ext):
       super().build_extension(ext)
       return
     # -isystem: the headers' own warnings are not ours; -g0: no debug info
-    # in the shipped library (Python's own flags may ask for -g).
-    compile_args = ["-O3", "-g0", "-std=c++17", "-pthread", "-isystem", include]
+    # in the shipped library (Python's own flags may ask for -g);
+    # -fno-trapping-math: the kernel never reads floating-point exception
+    # flags, and without it GCC keeps the float comparisons of the loops
+    # over pixels as branches, so that they do not vectorise.
+    compile_args = ["-O3", "-g0", "-std=c++17", "-fno-trapping-math", "-pthread",
+                    "-isystem", include]
     sources = list(ext.sources)
     if _portable_linux_build():
       ext.extra_compile_args = compile_args + [

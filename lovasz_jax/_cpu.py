@@ -251,22 +251,33 @@ def lookup(omega: jax.Array, keys: jax.Array) -> jax.Array:
   return _varying_like(keys, call(omega, keys))[0]
 
 
-def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array:
+def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
+                softmax: bool) -> tuple[jax.Array, jax.Array]:
   """``_extension.encode_rows`` on CPU: ``[..., P, C]`` -> keys ``[..., C, P]``.
 
   Args:
-    probs: float32 or float64 probabilities ``[..., P, C]``.
-    labels: int32 ``[..., P]``, ``_extension.VOID_LABEL`` for void pixels.
+    x: float32 or float64 ``[..., P, C]``: logits (``softmax``) or
+      probabilities.
+    labels: int32 ``[..., P]``, ``_extension.VOID_LABEL`` for void pixels
+      (whose ``x`` is never read).
     num_bins: 0 (``encode_keys`` keys) or the histogram's bins.
+    softmax: whether ``x`` are logits.
+
+  Returns:
+    The keys, and the log-sum-exp ``[..., P]`` of the logits (0 if not
+    ``softmax``).
   """
   if not available():
     raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
                        f"{_registration_error() or 'switched off'}")
-  shape = probs.shape[:-2] + (probs.shape[-1], probs.shape[-2])
-  key = "uint32" if probs.dtype.itemsize == 4 else "uint64"
-  call = jax.ffi.ffi_call(_ENCODE_TARGET, jax.ShapeDtypeStruct(shape, key),
-                          vmap_method="broadcast_all")
-  return _varying_like(probs, call(probs, labels, num_bins=np.int64(num_bins)))[0]
+  shape = x.shape[:-2] + (x.shape[-1], x.shape[-2])
+  key = "uint32" if x.dtype.itemsize == 4 else "uint64"
+  call = jax.ffi.ffi_call(
+      _ENCODE_TARGET, (jax.ShapeDtypeStruct(shape, key),
+                       jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)),
+      vmap_method="broadcast_all")
+  keys, lse = call(x, labels, num_bins=np.int64(num_bins), softmax=np.int64(bool(softmax)))
+  return _varying_like(x, keys, lse)
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,

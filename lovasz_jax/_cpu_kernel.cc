@@ -443,29 +443,52 @@ ffi::Error LookupImpl(ffi::ThreadPool pool, ffi::AnyBuffer omega, ffi::AnyBuffer
 // Entry points: lovasz_jax_encode and lovasz_jax_grad (class rows from pixels)
 //===----------------------------------------------------------------------===//
 //
-// The softmax losses hold probabilities pixel-major ([..., P, C]), and the
-// rows are class-major ([..., C, P]). These two passes move between the two
-// layouts while they compute, so that no separate transpose of C x P values
-// runs on either side of the sort:
-//   lovasz_jax_encode: (probs [..., P, C], labels [..., P] s32) -> keys
-//     [..., C, P]: the key of pixel i in row c is encode_keys (num_bins == 0)
-//     or encode_bins (num_bins == K) of the error |[label_i == c] - p_ic|,
-//     bit for bit what lovasz_jax._extension.encode_rows computes in XLA;
-//     label kVoidLabel marks a void pixel (key 0).
+// The softmax losses hold logits pixel-major ([..., P, C]), and the rows are
+// class-major ([..., C, P]). These two passes move between the two layouts
+// while they compute (the softmax too), so that neither the probabilities
+// nor a transpose of C x P values is ever materialised:
+//   lovasz_jax_encode: (x [..., P, C], labels [..., P] s32) -> (keys
+//     [..., C, P], lse [..., P]). With softmax = 1, x are logits: p =
+//     exp(x - lse), lse the log-sum-exp over the classes; with softmax = 0,
+//     x are the probabilities (lse is 0). The key of pixel i in row c is
+//     encode_keys (num_bins == 0) or encode_bins (num_bins == K) of the
+//     error |[label_i == c] - p_ic|, as lovasz_jax._extension.encode_rows
+//     computes it in XLA; label kVoidLabel marks a void pixel (key 0, and
+//     its logits are never read).
 //   lovasz_jax_grad: (x [..., P, C], lse [..., P], labels [..., P],
 //     weights [..., C, P], ct [..., C]) -> [..., P, C]: the gradient of
-//     sum_c ct_c loss_c with respect to the probabilities x (d_p = ct_c * w,
+//     sum_c ct_c loss_c with respect to the probabilities (d_p = ct_c * w,
 //     negated where label_i == c), or with softmax = 1 with respect to the
-//     logits x, whose probabilities p = exp(x - lse) it recomputes (nothing
-//     of the probabilities' size is kept for it): p * (d_p - sum_k d_p_k p_k).
-//     Void pixels get d_p, which is 0 (or NaN with a NaN cotangent).
+//     logits x, whose probabilities p = exp(x - lse) it recomputes:
+//     p * (d_p - sum_k d_p_k p_k). Void pixels get d_p, which is 0 (or NaN
+//     with a NaN cotangent), whatever their logits.
 // Both are independent per pixel; blocks of pixels are shared out like rows.
+// Within a block, tiles of kTile pixels are copied class-major into small
+// buffers (in L1), so that every arithmetic loop runs over contiguous
+// values and vectorises (exp and log included, see ExpNonPositive and
+// LogPositive).
 
 constexpr int32_t kVoidLabel = INT32_MIN;
 constexpr int64_t kPixelBlock = 4096;
+constexpr int64_t kTile = 64;
+
+// The float32 passes are compiled twice on x86-64: for the baseline, and
+// for x86-64-v3 (AVX2 and FMA: eight lanes where the baseline has four),
+// chosen when the library loads (an ifunc). The work is the same, bit for
+// bit up to FMA contraction, which changes the last bit of some products.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define LOVASZ_JAX_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LOVASZ_JAX_CLONES
+#endif
+#if defined(__GNUC__)
+#define LOVASZ_JAX_INLINE inline __attribute__((always_inline))
+#else
+#define LOVASZ_JAX_INLINE inline
+#endif
 
 template <typename F, typename K>
-K ErrorKey(F e, bool fg) {
+LOVASZ_JAX_INLINE K ErrorKey(F e, bool fg) {
   using Bits = std::conditional_t<sizeof(F) == 4, uint32_t, uint64_t>;
   e = std::isnan(e) ? std::numeric_limits<F>::infinity() : e;
   Bits bits;
@@ -476,7 +499,7 @@ K ErrorKey(F e, bool fg) {
 // floor(e * K) clipped to [0, K): e >= 0, so the floor is a truncation, and
 // NaN, inf and e >= 1 all land in the top bin (no comparison with NaN holds).
 template <typename F, typename K>
-K BinKey(F e, bool fg, int64_t num_bins) {
+LOVASZ_JAX_INLINE K BinKey(F e, bool fg, int64_t num_bins) {
   const F s = e * static_cast<F>(num_bins);
   const K bin = s < static_cast<F>(num_bins - 1)
                     ? static_cast<K>(static_cast<int64_t>(s))
@@ -484,88 +507,15 @@ K BinKey(F e, bool fg, int64_t num_bins) {
   return static_cast<K>(((bin << 1) | K(fg)) + 1);
 }
 
-// Keys of one tile of pixels [i0, i0 + n) of group g, written row by row:
-// each class's n keys are contiguous, so the C rows are written as C short
-// runs rather than one scattered store per key.
-template <typename F, typename K>
-void EncodeTile(const F* probs, const int32_t* labels, K* keys, int64_t P,
-                int64_t C, int64_t g, int64_t i0, int64_t n, int64_t num_bins) {
-  const int32_t* lab = labels + g * P + i0;
-  const F* p = probs + (g * P + i0) * C;
-  for (int64_t c = 0; c < C; ++c) {
-    K* out = keys + (g * C + c) * P + i0;
-    if (num_bins) {
-      for (int64_t t = 0; t < n; ++t) {
-        const bool fg = lab[t] == c;
-        const F e = std::fabs(static_cast<F>(fg) - p[t * C + c]);
-        out[t] = lab[t] == kVoidLabel ? K(0) : BinKey<F, K>(e, fg, num_bins);
-      }
-    } else {
-      for (int64_t t = 0; t < n; ++t) {
-        const bool fg = lab[t] == c;
-        const F e = std::fabs(static_cast<F>(fg) - p[t * C + c]);
-        out[t] = lab[t] == kVoidLabel ? K(0) : ErrorKey<F, K>(e, fg);
-      }
-    }
-  }
-}
-
-constexpr int64_t kEncodeTile = 64;
-
-template <typename F, typename K>
-void EncodePixels(ffi::ThreadPool& pool, const F* probs, const int32_t* labels,
-                  K* keys, int64_t groups, int64_t P, int64_t C,
-                  int64_t num_bins) {
-  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
-  if (groups * blocks == 0) return;
-  ParallelRows(pool, groups * blocks, kPixelBlock * C,
-               [=](int64_t first, int64_t last, Scratch&) {
-    for (int64_t u = first; u < last; ++u) {
-      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
-      const int64_t i1 = std::min(P, i0 + kPixelBlock);
-      for (int64_t t0 = i0; t0 < i1; t0 += kEncodeTile)
-        EncodeTile(probs, labels, keys, P, C, g, t0,
-                   std::min(kEncodeTile, i1 - t0), num_bins);
-    }
-  });
-}
-
-ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer probs,
-                      ffi::Buffer<ffi::S32> labels,
-                      ffi::Result<ffi::AnyBuffer> keys, int64_t num_bins) {
-  const auto dims = probs.dimensions();
-  if (dims.size() < 2) return ffi::Error::InvalidArgument("probs must have rank >= 2");
-  const int64_t P = dims[dims.size() - 2], C = dims.back();
-  if (P > static_cast<int64_t>(INT32_MAX))
-    return ffi::Error::InvalidArgument("rows longer than 2^31 - 1 pixels are not supported");
-  if (num_bins < 0 || num_bins > (int64_t{1} << 30))
-    return ffi::Error::InvalidArgument("num_bins must be in [0, 2^30]");
-  const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(probs.element_count()) / (P * C);
-  if (static_cast<int64_t>(labels.element_count()) != groups * P ||
-      keys->element_count() != probs.element_count())
-    return ffi::Error::InvalidArgument("labels must be [..., P] and keys [..., C, P]");
-  if (probs.element_type() == ffi::DataType::F32 && keys->element_type() == ffi::DataType::U32)
-    EncodePixels(pool, probs.typed_data<float>(), labels.typed_data(),
-                 keys->typed_data<uint32_t>(), groups, P, C, num_bins);
-  else if (probs.element_type() == ffi::DataType::F64 &&
-           keys->element_type() == ffi::DataType::U64)
-    EncodePixels(pool, probs.typed_data<double>(), labels.typed_data(),
-                 keys->typed_data<uint64_t>(), groups, P, C, num_bins);
-  else
-    return ffi::Error::InvalidArgument("expected f32 probs -> u32 keys or f64 -> u64");
-  return ffi::Error::Success();
-}
-
-constexpr int64_t kGradTile = 64;
-
 // exp(x) for x <= 0 (a log-probability), in a form that vectorises: x is
 // clamped to [-87, 0] (exp(-87) is about 1.6e-38: smaller probabilities weigh
 // nothing next to 1), split as n ln2 + r with |r| <= ln2 / 2 (n rounded to
 // nearest by the 1.5 * 2^23 trick), e^r from its degree-7 Taylor polynomial
 // (relative error under 2e-7 on that interval), and 2^n put into the
 // exponent bits.
-inline float ExpLogProb(float x) {
-  x = std::min(std::max(x, -87.0f), 0.0f);
+LOVASZ_JAX_INLINE float ExpNonPositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 0.0f ? 0.0f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
   float p = 1.0f / 5040.0f;
@@ -581,7 +531,244 @@ inline float ExpLogProb(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-inline double ExpLogProb(double x) { return std::exp(x); }
+inline double ExpNonPositive(double x) { return std::exp(std::min(x, 0.0)); }
+
+// log(s) for s in [1, 2^126) (a sum of exponentials, the largest of them 1),
+// in a form that vectorises: s = m 2^e with m in [sqrt(1/2), sqrt(2)), and
+// log(m) = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172, from the series
+// 2 (t + t^3/3 + ... + t^9/9) (relative error under 1e-8).
+LOVASZ_JAX_INLINE float LogPositive(float s) {
+  int32_t bits;
+  std::memcpy(&bits, &s, sizeof(bits));
+  // The exponent as if the mantissa were in [sqrt(1/2), sqrt(2)).
+  const int32_t e = ((bits - 0x3f3504f3) >> 23);
+  const int32_t mbits = bits - (e << 23);
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const float t = (m - 1.0f) / (m + 1.0f);
+  const float t2 = t * t;
+  float q = 1.0f / 9.0f;
+  q = q * t2 + 1.0f / 7.0f;
+  q = q * t2 + 1.0f / 5.0f;
+  q = q * t2 + 1.0f / 3.0f;
+  q = q * t2 + 1.0f;
+  return static_cast<float>(e) * 0.693147180559945309f + 2.0f * t * q;
+}
+inline double LogPositive(double s) { return std::log(s); }
+
+// Scratch of one thread's tiles: three of kTile x C values, and three of
+// kTile.
+template <typename F>
+struct Tiles {
+  explicit Tiles(int64_t C) : v(static_cast<size_t>(3 * kTile * C + 3 * kTile)) {}
+  std::vector<F> v;
+};
+
+// x[t0 + t, c] -> tile[c * kTile + t] for t < n (the rest of the tile: 0).
+template <typename F>
+LOVASZ_JAX_INLINE void LoadClassMajor(const F* x, int64_t C, int64_t n, F* tile) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < C; ++c) tile[c * kTile + t] = x[t * C + c];
+  if (n < kTile)
+    for (int64_t c = 0; c < C; ++c) std::fill(tile + c * kTile + n, tile + (c + 1) * kTile, F(0));
+}
+
+// Probabilities of a class-major tile of logits, in place, and each pixel's
+// log-sum-exp. Void pixels' logits are replaced by 0 first (they may hold
+// anything): their probabilities are then 1 / C, used by nothing.
+template <typename F>
+LOVASZ_JAX_INLINE void SoftmaxTile(F* e, const int32_t* lab, int64_t C, int64_t n, F* m, F* s,
+                 F* lse) {
+  for (int64_t t = 0; t < kTile; ++t) m[t] = -std::numeric_limits<F>::infinity();
+  for (int64_t t = 0; t < n; ++t)
+    if (lab[t] == kVoidLabel)
+      for (int64_t c = 0; c < C; ++c) e[c * kTile + t] = 0;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], e[c * kTile + t]);
+  for (int64_t t = 0; t < kTile; ++t) s[t] = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    F* row = e + c * kTile;
+    for (int64_t t = 0; t < kTile; ++t) {
+      row[t] = ExpNonPositive(row[t] - m[t]);
+      s[t] += row[t];
+    }
+  }
+  for (int64_t t = 0; t < kTile; ++t) lse[t] = m[t] + LogPositive(s[t]);
+  for (int64_t t = 0; t < kTile; ++t) s[t] = F(1) / s[t];
+  for (int64_t c = 0; c < C; ++c) {
+    F* row = e + c * kTile;
+    for (int64_t t = 0; t < kTile; ++t) row[t] *= s[t];
+  }
+}
+
+// One block of pixels [i0, i1) of group g; tiles: Tiles<F>(C).v.
+template <typename F, typename K>
+LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
+                                   F* lse, int64_t P, int64_t C, int64_t g,
+                                   int64_t i0, int64_t i1, int64_t num_bins,
+                                   bool softmax, F* tiles) {
+  F* p = tiles;
+  F* m = p + 3 * kTile * C;
+  F* s = m + kTile;
+  F* l = s + kTile;
+  for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+    const int64_t n = std::min(kTile, i1 - t0);
+    const int32_t* lab = labels + g * P + t0;
+    LoadClassMajor(x + (g * P + t0) * C, C, n, p);
+    if (softmax) {
+      SoftmaxTile(p, lab, C, n, m, s, l);
+      std::copy(l, l + n, lse + g * P + t0);
+    } else {
+      std::fill(lse + g * P + t0, lse + g * P + t0 + n, F(0));
+    }
+    // (Two loops, so that each vectorises with 32-bit lanes for float32.)
+    using I = std::conditional_t<sizeof(F) == 4, int32_t, int64_t>;
+    for (I c = 0; c < static_cast<I>(C); ++c) {
+      const F* row = p + c * kTile;
+      K* out = keys + (g * C + c) * P + t0;
+      if (num_bins) {
+        const F scale = static_cast<F>(num_bins);
+        const F top = static_cast<F>(num_bins - 1);
+        for (int64_t t = 0; t < n; ++t) {
+          const I l = lab[t];
+          const bool fg = l == c;
+          const F e = std::fabs((fg ? F(1) : F(0)) - row[t]);
+          const F sc = e * scale;
+          const K bin = sc < top ? static_cast<K>(static_cast<I>(sc)) : static_cast<K>(num_bins - 1);
+          const K key = ((bin << 1) | K(fg)) + 1;
+          out[t] = l == kVoidLabel ? K(0) : key;
+        }
+      } else {
+        for (int64_t t = 0; t < n; ++t) {
+          const I l = lab[t];
+          const bool fg = l == c;
+          const F e = std::fabs((fg ? F(1) : F(0)) - row[t]);
+          const K key = ErrorKey<F, K>(e, fg);
+          out[t] = l == kVoidLabel ? K(0) : key;
+        }
+      }
+    }
+  }
+}
+
+LOVASZ_JAX_CLONES void EncodeBlockF32(const float* x, const int32_t* labels,
+                                      uint32_t* keys, float* lse, int64_t P,
+                                      int64_t C, int64_t g, int64_t i0, int64_t i1,
+                                      int64_t num_bins, bool softmax, float* tiles) {
+  EncodeBlock(x, labels, keys, lse, P, C, g, i0, i1, num_bins, softmax, tiles);
+}
+
+template <typename F, typename K>
+void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
+                  K* keys, F* lse, int64_t groups, int64_t P, int64_t C,
+                  int64_t num_bins, bool softmax) {
+  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
+  if (groups * blocks == 0) return;
+  ParallelRows(pool, groups * blocks, kPixelBlock * C,
+               [=](int64_t first, int64_t last, Scratch&) {
+    Tiles<F> tiles(C);
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
+      const int64_t i1 = std::min(P, i0 + kPixelBlock);
+      if constexpr (std::is_same_v<F, float>)
+        EncodeBlockF32(x, labels, keys, lse, P, C, g, i0, i1, num_bins, softmax,
+                       tiles.v.data());
+      else
+        EncodeBlock(x, labels, keys, lse, P, C, g, i0, i1, num_bins, softmax,
+                    tiles.v.data());
+    }
+  });
+}
+
+ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                      ffi::Buffer<ffi::S32> labels,
+                      ffi::Result<ffi::AnyBuffer> keys,
+                      ffi::Result<ffi::AnyBuffer> lse, int64_t num_bins,
+                      int64_t softmax) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
+  const int64_t P = dims[dims.size() - 2], C = dims.back();
+  if (P > static_cast<int64_t>(INT32_MAX))
+    return ffi::Error::InvalidArgument("rows longer than 2^31 - 1 pixels are not supported");
+  if (num_bins < 0 || num_bins > (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("num_bins must be in [0, 2^30]");
+  const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(x.element_count()) / (P * C);
+  if (static_cast<int64_t>(labels.element_count()) != groups * P ||
+      keys->element_count() != x.element_count() ||
+      (P * C != 0 && static_cast<int64_t>(lse->element_count()) != groups * P))
+    return ffi::Error::InvalidArgument("labels and lse must be [..., P] and keys [..., C, P]");
+  const auto t = x.element_type();
+  if (lse->element_type() != t)
+    return ffi::Error::InvalidArgument("x and lse must share a dtype");
+  if (t == ffi::DataType::F32 && keys->element_type() == ffi::DataType::U32)
+    EncodePixels(pool, x.typed_data<float>(), labels.typed_data(),
+                 keys->typed_data<uint32_t>(), lse->typed_data<float>(), groups, P, C,
+                 num_bins, softmax != 0);
+  else if (t == ffi::DataType::F64 && keys->element_type() == ffi::DataType::U64)
+    EncodePixels(pool, x.typed_data<double>(), labels.typed_data(),
+                 keys->typed_data<uint64_t>(), lse->typed_data<double>(), groups, P, C,
+                 num_bins, softmax != 0);
+  else
+    return ffi::Error::InvalidArgument("expected f32 x -> u32 keys or f64 -> u64");
+  return ffi::Error::Success();
+}
+
+// One block of pixels [i0, i1) of group g; tiles: Tiles<F>(C).v.
+template <typename F>
+LOVASZ_JAX_INLINE void GradBlock(const F* x, const F* lse, const int32_t* labels,
+                                 const F* w, const F* ct, F* d, int64_t P, int64_t C,
+                                 int64_t g, int64_t i0, int64_t i1, bool softmax,
+                                 F* tiles) {
+  F* p = tiles;
+  F* dp = p + kTile * C;
+  F* out = dp + kTile * C;
+  F* dot = out + kTile * C;
+  for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+    const int64_t n = std::min(kTile, i1 - t0);
+    const int32_t* lab = labels + g * P + t0;
+    // d_p, class-major: each row's weights scaled by its cotangent, negated
+    // at the row's foreground pixels.
+    for (int64_t c = 0; c < C; ++c) {
+      const F scale = ct[g * C + c];
+      const F* row = w + (g * C + c) * P + t0;
+      F* r = dp + c * kTile;
+      for (int64_t t = 0; t < n; ++t) r[t] = (lab[t] == c ? -scale : scale) * row[t];
+    }
+    if (!softmax) {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = dp[c * kTile + t];
+      continue;
+    }
+    LoadClassMajor(x + (g * P + t0) * C, C, n, p);
+    const F* l = lse + g * P + t0;
+    for (int64_t t = 0; t < kTile; ++t) dot[t] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      F* row = p + c * kTile;
+      const F* r = dp + c * kTile;
+      for (int64_t t = 0; t < n; ++t) {
+        row[t] = ExpNonPositive(row[t] - l[t]);
+        dot[t] += r[t] * row[t];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const F* row = p + c * kTile;
+      const F* r = dp + c * kTile;
+      F* o = out + c * kTile;
+      for (int64_t t = 0; t < n; ++t)
+        o[t] = lab[t] == kVoidLabel ? r[t] : row[t] * (r[t] - dot[t]);
+    }
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = out[c * kTile + t];
+  }
+}
+
+LOVASZ_JAX_CLONES void GradBlockF32(const float* x, const float* lse,
+                                    const int32_t* labels, const float* w,
+                                    const float* ct, float* d, int64_t P, int64_t C,
+                                    int64_t g, int64_t i0, int64_t i1, bool softmax,
+                                    float* tiles) {
+  GradBlock(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
+}
 
 template <typename F>
 void GradPixels(ffi::ThreadPool& pool, const F* x, const F* lse,
@@ -591,45 +778,14 @@ void GradPixels(ffi::ThreadPool& pool, const F* x, const F* lse,
   if (groups * blocks == 0) return;
   ParallelRows(pool, groups * blocks, kPixelBlock * C,
                [=](int64_t first, int64_t last, Scratch&) {
-    std::vector<F> tile(static_cast<size_t>(2 * kGradTile * C));
-    F* dp_tile = tile.data();
-    F* p_tile = dp_tile + kGradTile * C;
+    Tiles<F> tiles(C);
     for (int64_t u = first; u < last; ++u) {
       const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
       const int64_t i1 = std::min(P, i0 + kPixelBlock);
-      for (int64_t t0 = i0; t0 < i1; t0 += kGradTile) {
-        const int64_t n = std::min(kGradTile, i1 - t0);
-        // The tile's weights, pixel-major, scaled by their row's cotangent.
-        for (int64_t c = 0; c < C; ++c) {
-          const F scale = ct[g * C + c];
-          const F* row = w + (g * C + c) * P + t0;
-          for (int64_t t = 0; t < n; ++t) dp_tile[t * C + c] = scale * row[t];
-        }
-        const F* xt = x + (g * P + t0) * C;
-        if (softmax) {  // the tile's probabilities, in one vectorised loop
-          for (int64_t t = 0; t < n; ++t) {
-            const F l = lse[g * P + t0 + t];
-            for (int64_t c = 0; c < C; ++c) p_tile[t * C + c] = xt[t * C + c] - l;
-          }
-          for (int64_t e = 0; e < n * C; ++e) p_tile[e] = ExpLogProb(p_tile[e]);
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          F* dp = dp_tile + t * C;
-          const int32_t l = labels[g * P + t0 + t];
-          if (l >= 0 && l < C) dp[l] = -dp[l];
-          F* out = d + (g * P + t0 + t) * C;
-          // Void pixels (weight 0) take d_p itself: 0, or NaN when the
-          // cotangent is (bad input), whatever their logits hold.
-          if (!softmax || l == kVoidLabel) {
-            std::copy(dp, dp + C, out);
-            continue;
-          }
-          const F* pr = p_tile + t * C;
-          F dot = 0;
-          for (int64_t c = 0; c < C; ++c) dot += dp[c] * pr[c];
-          for (int64_t c = 0; c < C; ++c) out[c] = pr[c] * (dp[c] - dot);
-        }
-      }
+      if constexpr (std::is_same_v<F, float>)
+        GradBlockF32(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles.v.data());
+      else
+        GradBlock(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles.v.data());
     }
   });
 }
@@ -713,7 +869,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxEncode, EncodeImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("num_bins"));
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("num_bins")
+                                  .Attr<int64_t>("softmax"));
 
 extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxGrad(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxGrad, GradImpl,

@@ -283,41 +283,44 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
 # they run wherever the pixels are, and only the class axis must be whole.
 # Their operands' layouts, after the leading (group) axes: "p" is the pixel
 # axis, "c" the class axis.
-_PIXELWISE = {"encode": (("pc", "p"), "cp"),
-              "grad": (("pc", "pc", "p", "p", "cp", "c"), "pc")}
+_PIXELWISE = {"encode": (("pc", "pc", "p"), ("cp", "p")),
+              "grad": (("pc", "pc", "p", "p", "cp", "c"), ("pc",))}
 
 
-def _pixelwise_fns(kind: str, static: Any):
-  """The native and portable functions of one pixelwise pass."""
+def _pixelwise_fns(kind: str, static: tuple):
+  """The native and portable functions of one pass (tuples of results).
+
+  Both take the logits as the loss got them and the same with void pixels
+  zeroed: the native passes skip void pixels themselves and read the
+  first, XLA's formulas read the second. A program compiled for one
+  platform keeps only one of the two.
+  """
   if kind == "encode":
-    return (lambda *a: _cpu.encode_rows(*a, static),
-            lambda *a: _extension.encode_rows(*a, static))
-  # The gradient's native pass reads the raw logits (it skips void pixels
-  # itself); XLA's formula reads them with void pixels zeroed. Only one of
-  # the two is used in a program compiled for one platform.
-  return (lambda x, masked, *a: _cpu.rows_grad(x, *a, static),
-          lambda x, masked, *a: _extension.rows_grad(masked, *a, static))
+    return (lambda x, masked, *a: _cpu.encode_rows(x, *a, *static),
+            lambda x, masked, *a: _extension.encode_rows(masked, *a, *static))
+  return (lambda x, masked, *a: (_cpu.rows_grad(x, *a, *static),),
+          lambda x, masked, *a: (_extension.rows_grad(masked, *a, *static),))
 
 
-def _pixelwise_specs(kind: str, spec: tuple) -> tuple[list[tuple], tuple]:
-  """Operand and result specs, laid out like probabilities of spec ``spec``."""
-  ins, out = _PIXELWISE[kind]
+def _pixelwise_specs(kind: str, spec: tuple) -> tuple[list[tuple], list[tuple]]:
+  """Operand and result specs, laid out like logits of spec ``spec``."""
+  ins, outs = _PIXELWISE[kind]
   lead, pixel = tuple(spec[:-2]), spec[-2]
   layout = lambda letters: lead + tuple(pixel if ch == "p" else None
                                         for ch in letters)
-  return [layout(letters) for letters in ins], layout(out)
+  return [layout(letters) for letters in ins], [layout(letters) for letters in outs]
 
 
 @functools.cache
-def _native_pixelwise(kind: str, static: Any):
+def _native_pixelwise(kind: str, static: tuple):
   """The native pass, with a rule that runs it where the pixels are."""
   native, _ = _pixelwise_fns(kind, static)
 
   def shardings(mesh, arg_shapes):
-    ins, out = _pixelwise_specs(
+    ins, outs = _pixelwise_specs(
         kind, _spec(arg_shapes[0].sharding, arg_shapes[0].ndim))
     return ([NamedSharding(mesh, P(*s)) for s in ins],
-            NamedSharding(mesh, P(*out)))
+            tuple(NamedSharding(mesh, P(*s)) for s in outs))
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
@@ -325,13 +328,13 @@ def _native_pixelwise(kind: str, static: Any):
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    ins, out = shardings(mesh, arg_shapes)
-    return mesh, native, out, tuple(ins)
+    ins, outs = shardings(mesh, arg_shapes)
+    return mesh, native, outs, tuple(ins)
 
   partitioned = custom_partitioning(native)
-  ins, out = _PIXELWISE[kind]
-  rule = (", ".join("... " + " ".join(letters) for letters in ins)
-          + " -> ... " + " ".join(out))
+  ins, outs = _PIXELWISE[kind]
+  rule = (", ".join("... " + " ".join(letters) for letters in ins) + " -> "
+          + ", ".join("... " + " ".join(letters) for letters in outs))
   partitioned.def_partition(
       infer_sharding_from_operands=infer, partition=partition,
       sharding_rule=rule, need_replication_factors=("c",))
@@ -346,12 +349,12 @@ def _native_pixelwise(kind: str, static: Any):
   def _(axis_size, in_batched, *args):
     args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
             for a, b in zip(args, in_batched)]
-    return batchable(*args), True
+    return batchable(*args), (True,) * len(outs)
 
   return batchable
 
 
-def _pixelwise(kind: str, static: Any, *args: jax.Array) -> jax.Array:
+def _pixelwise(kind: str, static: tuple, *args: jax.Array) -> tuple[jax.Array, ...]:
   """Runs one pixelwise pass where the pixels are (see ``_PIXELWISE``)."""
   native, portable = _pixelwise_fns(kind, static)
   if not _order.native_ok():
@@ -360,18 +363,23 @@ def _pixelwise(kind: str, static: Any, *args: jax.Array) -> jax.Array:
   if mesh is None:  # one device, automatic sharding, or inside shard_map
     return lax.platform_dependent(*args, cpu=_native_pixelwise(kind, static),
                                   default=portable)
-  ins, out = _pixelwise_specs(kind, _sharding.spec_of(args[0]))
+  ins, outs = _pixelwise_specs(kind, _sharding.spec_of(args[0]))
   args = tuple(_sharding.match(a, s, args[0]) for a, s in zip(args, ins))
   local = lambda *a: lax.platform_dependent(*a, cpu=native, default=portable)
-  return _shard_map(local, mesh, tuple(P(*s) for s in ins), P(*out))(*args)
+  return _shard_map(local, mesh, tuple(P(*s) for s in ins),
+                    tuple(P(*s) for s in outs))(*args)
 
 
-def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array:
+def encode_rows(x: jax.Array, masked: jax.Array, labels: jax.Array, num_bins: int,
+                softmax: bool) -> tuple[jax.Array, jax.Array]:
   """``_extension.encode_rows``, on the pixels' devices (native on CPU).
 
-  The keys are integers: nothing is differentiated through them.
+  ``x`` as the loss got it, and ``masked``, the same with void pixels zeroed.
+  The keys are integers: nothing is differentiated through them (nor
+  through the log-sum-exp, which only the hand-written VJP uses).
   """
-  return _pixelwise("encode", num_bins, lax.stop_gradient(probs), labels)
+  x, masked = lax.stop_gradient((x, masked))
+  return _pixelwise("encode", (num_bins, softmax), x, masked, labels)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
@@ -384,7 +392,7 @@ def rows_grad(x: jax.Array, masked: jax.Array, lse: jax.Array, labels: jax.Array
   Differentiable (Hessian-vector products differentiate the losses' backward
   pass): its derivative is that of the XLA formula.
   """
-  return _pixelwise("grad", softmax, x, masked, lse, labels, w, ct)
+  return _pixelwise("grad", (softmax,), x, masked, lse, labels, w, ct)[0]
 
 
 @rows_grad.defjvp

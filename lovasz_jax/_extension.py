@@ -109,27 +109,37 @@ def encode(errors: jax.Array, fg: jax.Array, valid: jax.Array,
 VOID_LABEL = -(2**31)
 
 
-def encode_rows(probs: jax.Array, labels: jax.Array, num_bins: int) -> jax.Array:
-  """Keys of every class row, from pixel-major probabilities.
+def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
+                softmax: bool) -> tuple[jax.Array, jax.Array]:
+  """Keys of every class row, from pixel-major logits or probabilities.
 
   Row ``c`` of a group holds the keys of the errors
   ``|[label_i == c] - p_ic|`` of its pixels (``encode``).
 
   Args:
-    probs: float ``[..., P, C]`` probabilities.
+    x: float ``[..., P, C]``: logits (``softmax``; the probabilities are
+      their softmax over the last axis) or probabilities; finite at void
+      pixels (the losses zero them there).
     labels: int32 ``[..., P]``: pixel ``i`` is foreground in row
       ``labels[i]`` (a value outside ``[0, C)`` is foreground in none), or
       void if ``VOID_LABEL``.
     num_bins: 0 (exact keys) or the histogram's bins.
+    softmax: whether ``x`` are logits.
 
   Returns:
-    Keys ``[..., C, P]`` (uint32, or uint64 for float64).
+    Keys ``[..., C, P]`` (uint32, or uint64 for float64), and the logits'
+    log-sum-exp over the classes ``[..., P]`` (0 if not ``softmax``).
   """
-  fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
-  valid = jnp.broadcast_to((labels != VOID_LABEL)[..., None], probs.shape)
+  if softmax:
+    lse = jax.nn.logsumexp(x, axis=-1)
+    probs = jnp.exp(x - lse[..., None])
+  else:
+    lse, probs = jnp.zeros(x.shape[:-1], x.dtype), x
+  fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  valid = jnp.broadcast_to((labels != VOID_LABEL)[..., None], x.shape)
   errors = jnp.abs(fg.astype(probs.dtype) - probs)
   rows = lambda a: jnp.swapaxes(a, -1, -2)
-  return encode(rows(errors), rows(fg), rows(valid), num_bins)
+  return encode(rows(errors), rows(fg), rows(valid), num_bins), lse
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,

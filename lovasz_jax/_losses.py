@@ -306,31 +306,39 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
 # Unselected classes are rows with no valid pixel: they cost no ordering.
 
 
-def _chunk_rows(num_bins, axis_name, spans_batch, probs, lab, row_valid):
-  """Weights [G, k, P] and losses [G, k] of the classes of ``probs`` [G, P, k]."""
-  keys = _distribute.encode_rows(probs, lab, num_bins)    # [G, k, P]
+def _chunk_rows(num_bins, axis_name, spans_batch, x, masked, lab, softmax,
+                row_valid):
+  """Row weights [G, k, P] and losses [G, k], and the log-sum-exp [G, P].
+
+  ``x`` and ``masked`` (void pixels zeroed) are logits (``softmax``) or
+  probabilities of k classes ``[G, P, k]``.
+  """
+  keys, lse = _distribute.encode_rows(x, masked, lab, num_bins, softmax)
   if row_valid is not None:
     keys = jnp.where(row_valid[None, :, None], keys, 0)
-  return _distribute.row_weights(keys, num_bins, axis_name, spans_batch)
+  return _distribute.row_weights(keys, num_bins, axis_name, spans_batch), lse
 
 
 def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
                       num_bins, axis_name, spans_batch):
   groups, pixels, num_classes = x.shape
-  # Void pixels' logits may hold anything (NaN too): they are zeroed, and the
-  # keys of void pixels are 0 whatever their probabilities.
+  # Void pixels' logits may hold anything (NaN too): XLA's formulas read
+  # them zeroed, the native passes skip them; their keys are 0.
   masked = jnp.where(val[..., None], x, 0)
-  lse = (jax.nn.logsumexp(masked, axis=-1) if from_logits
-         else jnp.zeros(x.shape[:-1], x.dtype))
-  # The probabilities of some classes (all, or one chunk's).
-  probs = lambda m: jnp.exp(m - lse[..., None]) if from_logits else m
   lab = jnp.where(val, lab, _extension.VOID_LABEL)
   selected = np.asarray(selected)
   chunk = num_classes if chunk is None else min(chunk, num_classes)
   rows = functools.partial(_chunk_rows, num_bins, axis_name, spans_batch)
   if chunk == num_classes:
-    w, losses = rows(probs(masked), lab, None if selected.all() else selected)
+    # One pass from the logits to the keys (and their log-sum-exp).
+    (w, losses), lse = rows(x, masked, lab, from_logits,
+                            None if selected.all() else selected)
     return losses, (x, masked, lse, lab, factor, w)
+  # In chunks the log-sum-exp over every class comes first, and each chunk's
+  # probabilities are its own.
+  lse = (jax.nn.logsumexp(masked, axis=-1) if from_logits
+         else jnp.zeros(x.shape[:-1], x.dtype))
+  probs = lambda m: jnp.exp(m - lse[..., None]) if from_logits else m
   # Chunks of `chunk` classes, one after another (lax.scan), each writing its
   # rows into one [G, C, P] weight array; the last chunk ends at the last
   # class (it overlaps the one before when `chunk` does not divide C, and
@@ -345,7 +353,8 @@ def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
     # A chunk's labels count from its first class; void stays void.
     chunk_lab = jnp.where(lab == _extension.VOID_LABEL, lab,
                           lab - start.astype(lab.dtype))
-    w, losses = rows(probs(jnp.take(masked, ids, axis=-1)), chunk_lab, row_valid)
+    p = probs(jnp.take(masked, ids, axis=-1))
+    (w, losses), _ = rows(p, p, chunk_lab, False, row_valid)
     w_all = lax.dynamic_update_slice_in_dim(w_all, w.astype(w_all.dtype), start, 1)
     l_all = lax.dynamic_update_slice_in_dim(l_all, losses, start, 1)
     return (w_all, l_all), None
