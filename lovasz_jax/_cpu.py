@@ -3,13 +3,17 @@
 XLA's CPU sort compares keys through a generic comparator and is several times
 slower than a radix sort, and the sort is most of the loss. So on CPU the
 sorting and the Alg. 1 weights run in a small C++ XLA FFI kernel
-(``_cpu_kernel.cc``). It is an ordinary XLA custom call, not a Python
-callback, so it needs no GIL and is safe under multi-device ``jax.jit``.
+(``_cpu_kernel.cc``), as do the two passes of the softmax losses between
+pixel-major logits and class-major rows (the softmax and keys on the way in,
+the gradient on the way out), which XLA would run as separate passes and
+transposes. These are ordinary XLA custom calls, not Python callbacks, so
+they need no GIL and are safe under multi-device ``jax.jit``.
 
 The kernel is compiled when the package is built (``setup.py``; wheels ship
 it), as a shared library next to this file. Importing ``lovasz_jax`` loads it
-with ctypes and registers it as the XLA FFI target ``lovasz_jax_weights`` for
-the CPU platform, without starting any JAX backend; nothing is compiled or
+with ctypes and registers its entry points as XLA FFI targets
+(``CPU_CUSTOM_CALL_TARGETS``) for the CPU platform, without starting any JAX
+backend; nothing is compiled or
 written at run time. So a program exported with ``jax.export`` that calls the
 kernel runs in any process that has imported ``lovasz_jax``.
 
@@ -276,8 +280,9 @@ def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
       _ENCODE_TARGET, (jax.ShapeDtypeStruct(shape, key),
                        jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)),
       vmap_method="broadcast_all")
-  keys, lse = call(x, labels, num_bins=np.int64(num_bins), softmax=np.int64(bool(softmax)))
-  return _varying_like(x, keys, lse)
+  keys, lse = _varying_like(x, *call(x, labels, num_bins=np.int64(num_bins),
+                                     softmax=np.int64(bool(softmax))))
+  return keys, lse
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,

@@ -346,7 +346,7 @@ def _native_pixelwise(kind: str, static: tuple):
     return partitioned(*args)
 
   @batchable.def_vmap
-  def _(axis_size, in_batched, *args):
+  def _batched(axis_size, in_batched, *args):
     args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
             for a, b in zip(args, in_batched)]
     return batchable(*args), (True,) * len(outs)
@@ -364,7 +364,9 @@ def _pixelwise(kind: str, static: tuple, *args: jax.Array) -> tuple[jax.Array, .
     return lax.platform_dependent(*args, cpu=_native_pixelwise(kind, static),
                                   default=portable)
   ins, outs = _pixelwise_specs(kind, _sharding.spec_of(args[0]))
-  args = tuple(_sharding.match(a, s, args[0]) for a, s in zip(args, ins))
+  args = tuple(_sharding.reshard(a, s, like=args[0])
+               if _sharding.spec_of(a) != tuple(s) else a
+               for a, s in zip(args, ins))
   local = lambda *a: lax.platform_dependent(*a, cpu=native, default=portable)
   return _shard_map(local, mesh, tuple(P(*s) for s in ins),
                     tuple(P(*s) for s in outs))(*args)
@@ -379,7 +381,8 @@ def encode_rows(x: jax.Array, masked: jax.Array, labels: jax.Array, num_bins: in
   through the log-sum-exp, which only the hand-written VJP uses).
   """
   x, masked = lax.stop_gradient((x, masked))
-  return _pixelwise("encode", (num_bins, softmax), x, masked, labels)
+  keys, lse = _pixelwise("encode", (num_bins, softmax), x, masked, labels)
+  return keys, lse
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))

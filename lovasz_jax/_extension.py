@@ -134,7 +134,7 @@ def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
     lse = jax.nn.logsumexp(x, axis=-1)
     probs = jnp.exp(x - lse[..., None])
   else:
-    lse, probs = jnp.zeros(x.shape[:-1], x.dtype), x
+    lse, probs = jnp.zeros_like(x[..., 0]), x
   fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   valid = jnp.broadcast_to((labels != VOID_LABEL)[..., None], x.shape)
   errors = jnp.abs(fg.astype(probs.dtype) - probs)

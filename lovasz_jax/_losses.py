@@ -337,7 +337,7 @@ def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
   # In chunks the log-sum-exp over every class comes first, and each chunk's
   # probabilities are its own.
   lse = (jax.nn.logsumexp(masked, axis=-1) if from_logits
-         else jnp.zeros(x.shape[:-1], x.dtype))
+         else jnp.zeros_like(x[..., 0]))
   probs = lambda m: jnp.exp(m - lse[..., None]) if from_logits else m
   # Chunks of `chunk` classes, one after another (lax.scan), each writing its
   # rows into one [G, C, P] weight array; the last chunk ends at the last
