@@ -256,20 +256,21 @@ def lookup(omega: jax.Array, keys: jax.Array) -> jax.Array:
 
 
 def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
-                softmax: bool) -> tuple[jax.Array, jax.Array]:
+                softmax: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``_extension.encode_rows`` on CPU: ``[..., P, C]`` -> keys ``[..., C, P]``.
 
   Args:
     x: float32 or float64 ``[..., P, C]``: logits (``softmax``) or
       probabilities.
     labels: int32 ``[..., P]``, ``_extension.VOID_LABEL`` for void pixels
-      (whose ``x`` is never read).
+      (whose ``x`` is never used).
     num_bins: 0 (``encode_keys`` keys) or the histogram's bins.
     softmax: whether ``x`` are logits.
 
   Returns:
-    The keys, and the log-sum-exp ``[..., P]`` of the logits (0 if not
-    ``softmax``).
+    The keys, the log-sum-exp ``[..., P]`` of the logits (0 if not
+    ``softmax``), and int32 ``[..., P]``: 1 at valid pixels with a value out
+    of its domain (a non-finite logit, or a probability outside [0, 1]).
   """
   if not available():
     raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
@@ -278,11 +279,12 @@ def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
   key = "uint32" if x.dtype.itemsize == 4 else "uint64"
   call = jax.ffi.ffi_call(
       _ENCODE_TARGET, (jax.ShapeDtypeStruct(shape, key),
-                       jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)),
+                       jax.ShapeDtypeStruct(x.shape[:-1], x.dtype),
+                       jax.ShapeDtypeStruct(x.shape[:-1], "int32")),
       vmap_method="broadcast_all")
-  keys, lse = _varying_like(x, *call(x, labels, num_bins=np.int64(num_bins),
-                                     softmax=np.int64(bool(softmax))))
-  return keys, lse
+  keys, lse, bad = _varying_like(x, *call(x, labels, num_bins=np.int64(num_bins),
+                                          softmax=np.int64(bool(softmax))))
+  return keys, lse, bad
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,

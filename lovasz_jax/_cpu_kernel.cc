@@ -448,7 +448,9 @@ ffi::Error LookupImpl(ffi::ThreadPool pool, ffi::AnyBuffer omega, ffi::AnyBuffer
 // while they compute (the softmax too), so that neither the probabilities
 // nor a transpose of C x P values is ever materialised:
 //   lovasz_jax_encode: (x [..., P, C], labels [..., P] s32) -> (keys
-//     [..., C, P], lse [..., P]). With softmax = 1, x are logits: p =
+//     [..., C, P], lse [..., P], bad [..., P] s32). bad is 1 at valid pixels
+//     whose x are out of their domain (logits not finite, or probabilities
+//     outside [0, 1] or NaN), else 0. With softmax = 1, x are logits: p =
 //     exp(x - lse), lse the log-sum-exp over the classes; with softmax = 0,
 //     x are the probabilities (lse is 0). The key of pixel i in row c is
 //     encode_keys (num_bins == 0) or encode_bins (num_bins == K) of the
@@ -604,17 +606,29 @@ LOVASZ_JAX_INLINE void SoftmaxTile(F* e, const int32_t* lab, int64_t C, int64_t 
 // One block of pixels [i0, i1) of group g; tiles: Tiles<F>(C).v.
 template <typename F, typename K>
 LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
-                                   F* lse, int64_t P, int64_t C, int64_t g,
-                                   int64_t i0, int64_t i1, int64_t num_bins,
-                                   bool softmax, F* tiles) {
+                                   F* lse, int32_t* bad, int64_t P, int64_t C,
+                                   int64_t g, int64_t i0, int64_t i1,
+                                   int64_t num_bins, bool softmax, F* tiles) {
   F* p = tiles;
   F* m = p + 3 * kTile * C;
   F* s = m + kTile;
   F* l = s + kTile;
+  // What a valid pixel's values may be: finite logits, or probabilities in
+  // [0, 1] (NaN is neither).
+  const F lo = softmax ? -std::numeric_limits<F>::max() : F(0);
+  const F hi = softmax ? std::numeric_limits<F>::max() : F(1);
+  int32_t out_of_range[kTile];
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
     const int32_t* lab = labels + g * P + t0;
     LoadClassMajor(x + (g * P + t0) * C, C, n, p);
+    for (int64_t t = 0; t < kTile; ++t) out_of_range[t] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const F* row = p + c * kTile;
+      for (int64_t t = 0; t < kTile; ++t) out_of_range[t] |= !(row[t] >= lo && row[t] <= hi);
+    }
+    for (int64_t t = 0; t < n; ++t)
+      bad[g * P + t0 + t] = lab[t] == kVoidLabel ? 0 : out_of_range[t];
     if (softmax) {
       SoftmaxTile(p, lab, C, n, m, s, l);
       std::copy(l, l + n, lse + g * P + t0);
@@ -652,16 +666,17 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
 }
 
 LOVASZ_JAX_CLONES void EncodeBlockF32(const float* x, const int32_t* labels,
-                                      uint32_t* keys, float* lse, int64_t P,
-                                      int64_t C, int64_t g, int64_t i0, int64_t i1,
-                                      int64_t num_bins, bool softmax, float* tiles) {
-  EncodeBlock(x, labels, keys, lse, P, C, g, i0, i1, num_bins, softmax, tiles);
+                                      uint32_t* keys, float* lse, int32_t* bad,
+                                      int64_t P, int64_t C, int64_t g, int64_t i0,
+                                      int64_t i1, int64_t num_bins, bool softmax,
+                                      float* tiles) {
+  EncodeBlock(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax, tiles);
 }
 
 template <typename F, typename K>
 void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
-                  K* keys, F* lse, int64_t groups, int64_t P, int64_t C,
-                  int64_t num_bins, bool softmax) {
+                  K* keys, F* lse, int32_t* bad, int64_t groups, int64_t P,
+                  int64_t C, int64_t num_bins, bool softmax) {
   const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
   if (groups * blocks == 0) return;
   ParallelRows(pool, groups * blocks, kPixelBlock * C,
@@ -671,10 +686,10 @@ void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
       const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
       const int64_t i1 = std::min(P, i0 + kPixelBlock);
       if constexpr (std::is_same_v<F, float>)
-        EncodeBlockF32(x, labels, keys, lse, P, C, g, i0, i1, num_bins, softmax,
+        EncodeBlockF32(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax,
                        tiles.v.data());
       else
-        EncodeBlock(x, labels, keys, lse, P, C, g, i0, i1, num_bins, softmax,
+        EncodeBlock(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax,
                     tiles.v.data());
     }
   });
@@ -683,7 +698,8 @@ void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
 ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                       ffi::Buffer<ffi::S32> labels,
                       ffi::Result<ffi::AnyBuffer> keys,
-                      ffi::Result<ffi::AnyBuffer> lse, int64_t num_bins,
+                      ffi::Result<ffi::AnyBuffer> lse,
+                      ffi::Result<ffi::Buffer<ffi::S32>> bad, int64_t num_bins,
                       int64_t softmax) {
   const auto dims = x.dimensions();
   if (dims.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
@@ -695,19 +711,21 @@ ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(x.element_count()) / (P * C);
   if (static_cast<int64_t>(labels.element_count()) != groups * P ||
       keys->element_count() != x.element_count() ||
-      (P * C != 0 && static_cast<int64_t>(lse->element_count()) != groups * P))
-    return ffi::Error::InvalidArgument("labels and lse must be [..., P] and keys [..., C, P]");
+      (P * C != 0 && (static_cast<int64_t>(lse->element_count()) != groups * P ||
+                      static_cast<int64_t>(bad->element_count()) != groups * P)))
+    return ffi::Error::InvalidArgument(
+        "labels, lse and bad must be [..., P] and keys [..., C, P]");
   const auto t = x.element_type();
   if (lse->element_type() != t)
     return ffi::Error::InvalidArgument("x and lse must share a dtype");
   if (t == ffi::DataType::F32 && keys->element_type() == ffi::DataType::U32)
     EncodePixels(pool, x.typed_data<float>(), labels.typed_data(),
-                 keys->typed_data<uint32_t>(), lse->typed_data<float>(), groups, P, C,
-                 num_bins, softmax != 0);
+                 keys->typed_data<uint32_t>(), lse->typed_data<float>(), bad->typed_data(),
+                 groups, P, C, num_bins, softmax != 0);
   else if (t == ffi::DataType::F64 && keys->element_type() == ffi::DataType::U64)
     EncodePixels(pool, x.typed_data<double>(), labels.typed_data(),
-                 keys->typed_data<uint64_t>(), lse->typed_data<double>(), groups, P, C,
-                 num_bins, softmax != 0);
+                 keys->typed_data<uint64_t>(), lse->typed_data<double>(), bad->typed_data(),
+                 groups, P, C, num_bins, softmax != 0);
   else
     return ffi::Error::InvalidArgument("expected f32 x -> u32 keys or f64 -> u64");
   return ffi::Error::Success();
@@ -870,6 +888,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxEncode, EncodeImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("num_bins")
                                   .Attr<int64_t>("softmax"));
 

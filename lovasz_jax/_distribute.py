@@ -283,7 +283,7 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
 # they run wherever the pixels are, and only the class axis must be whole.
 # Their operands' layouts, after the leading (group) axes: "p" is the pixel
 # axis, "c" the class axis.
-_PIXELWISE = {"encode": (("pc", "pc", "p"), ("cp", "p")),
+_PIXELWISE = {"encode": (("pc", "pc", "p"), ("cp", "p", "p")),
               "grad": (("pc", "pc", "p", "p", "cp", "c"), ("pc",))}
 
 
@@ -373,16 +373,17 @@ def _pixelwise(kind: str, static: tuple, *args: jax.Array) -> tuple[jax.Array, .
 
 
 def encode_rows(x: jax.Array, masked: jax.Array, labels: jax.Array, num_bins: int,
-                softmax: bool) -> tuple[jax.Array, jax.Array]:
+                softmax: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``_extension.encode_rows``, on the pixels' devices (native on CPU).
 
-  ``x`` as the loss got it, and ``masked``, the same with void pixels zeroed.
-  The keys are integers: nothing is differentiated through them (nor
-  through the log-sum-exp, which only the hand-written VJP uses).
+  ``x`` as the loss got it, and ``masked``, the same with void pixels zeroed
+  (they are checked alike: void pixels are never out of range). Nothing is
+  differentiated through the results (the keys are integers, and the
+  log-sum-exp serves only the hand-written VJP).
   """
   x, masked = lax.stop_gradient((x, masked))
-  keys, lse = _pixelwise("encode", (num_bins, softmax), x, masked, labels)
-  return keys, lse
+  keys, lse, bad = _pixelwise("encode", (num_bins, softmax), x, masked, labels)
+  return keys, lse, bad
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))

@@ -110,7 +110,7 @@ VOID_LABEL = -(2**31)
 
 
 def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
-                softmax: bool) -> tuple[jax.Array, jax.Array]:
+                softmax: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Keys of every class row, from pixel-major logits or probabilities.
 
   Row ``c`` of a group holds the keys of the errors
@@ -127,9 +127,15 @@ def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
     softmax: whether ``x`` are logits.
 
   Returns:
-    Keys ``[..., C, P]`` (uint32, or uint64 for float64), and the logits'
-    log-sum-exp over the classes ``[..., P]`` (0 if not ``softmax``).
+    Keys ``[..., C, P]`` (uint32, or uint64 for float64), the logits'
+    log-sum-exp over the classes ``[..., P]`` (0 if not ``softmax``), and
+    int32 ``[..., P]``: 1 at valid pixels with a value out of its domain (a
+    non-finite logit, or a probability outside [0, 1] or NaN), else 0.
   """
+  lo, hi = ((-jnp.finfo(x.dtype).max, jnp.finfo(x.dtype).max) if softmax
+            else (0, 1))
+  out_of_range = jnp.any(~((x >= lo) & (x <= hi)), axis=-1)
+  bad = ((labels != VOID_LABEL) & out_of_range).astype(jnp.int32)
   if softmax:
     lse = jax.nn.logsumexp(x, axis=-1)
     probs = jnp.exp(x - lse[..., None])
@@ -139,7 +145,7 @@ def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
   valid = jnp.broadcast_to((labels != VOID_LABEL)[..., None], x.shape)
   errors = jnp.abs(fg.astype(probs.dtype) - probs)
   rows = lambda a: jnp.swapaxes(a, -1, -2)
-  return encode(rows(errors), rows(fg), rows(valid), num_bins), lse
+  return encode(rows(errors), rows(fg), rows(valid), num_bins), lse, bad
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,

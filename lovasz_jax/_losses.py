@@ -258,17 +258,16 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   # (checked before any narrowing), non-finite logits or probabilities
   # outside [0, 1], and invalid class weights. Void pixels take part in
   # nothing, so their values are not checked.
+  # (The logits or probabilities are checked by the pass that reads them
+  # to make the rows' keys: see _softmax_row_losses.)
   bad = _inputs.has_bad_labels(labels, valid, 0, num_classes)
-  bad |= (_inputs.bad_logits(x, valid[..., None]) if from_logits
-          else _inputs.bad_probabilities(x, valid[..., None]))
   bad |= _inputs.bad_class_weights(class_weights)
   bad |= _inputs.row_too_long(_inputs.row_dims(
       labels.shape[1:] if per_image else labels.shape, rows_axis))
-  nan_if_bad = _inputs.poison(bad, axis_name).astype(dtype)
   labels = _inputs.narrow_labels(labels, valid, 0, num_classes)
   # Void pixels' logits (which may be anything) are masked inside the rows'
-  # VJP, and the NaN factor too, so that neither costs a pass over the
-  # gradient.
+  # VJP, and the NaN factor applied there too, so that neither costs a pass
+  # over the gradient.
   if isinstance(classes, str):
     selected = (True,) * num_classes
   else:
@@ -279,9 +278,9 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   # With axis_name, batch-mode rows are split over the devices; per_image
   # rows are whole (or split over image_axis_name), and the mean over
   # images crosses devices.
-  losses = _softmax_row_losses(x, lab, val, nan_if_bad, selected, from_logits,
-                               class_chunk_size, num_bins, rows_axis,
-                               not per_image)             # [G, C]
+  losses, nan_if_bad = _softmax_row_losses(
+      x, lab, val, bad, selected, from_logits, class_chunk_size, num_bins,
+      rows_axis, not per_image, axis_name)               # [G, C], []
   if classes == "present":
     fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
     counted = global_any(fg & val[:, :, None], rows_axis, axis=1)
@@ -290,7 +289,7 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
                & np.asarray(selected)[None, :])
   loss = reduce_rows(losses, counted, class_weights,
                      axis_name if per_image else None)
-  return loss * nan_if_bad
+  return loss * nan_if_bad.astype(loss.dtype)
 
 
 # The softmax rows have a hand-written VJP. The forward pass takes the
@@ -308,19 +307,20 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
 
 def _chunk_rows(num_bins, axis_name, spans_batch, x, masked, lab, softmax,
                 row_valid):
-  """Row weights [G, k, P] and losses [G, k], and the log-sum-exp [G, P].
+  """Row weights [G, k, P] and losses [G, k], the log-sum-exp [G, P], and
+  which valid pixels hold values out of range [G, P].
 
   ``x`` and ``masked`` (void pixels zeroed) are logits (``softmax``) or
   probabilities of k classes ``[G, P, k]``.
   """
-  keys, lse = _distribute.encode_rows(x, masked, lab, num_bins, softmax)
+  keys, lse, bad = _distribute.encode_rows(x, masked, lab, num_bins, softmax)
   if row_valid is not None:
     keys = jnp.where(row_valid[None, :, None], keys, 0)
-  return _distribute.row_weights(keys, num_bins, axis_name, spans_batch), lse
+  return _distribute.row_weights(keys, num_bins, axis_name, spans_batch), lse, bad
 
 
-def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
-                      num_bins, axis_name, spans_batch):
+def _softmax_rows_fwd(x, lab, val, bad, selected, from_logits, chunk,
+                      num_bins, axis_name, spans_batch, poison_axis):
   groups, pixels, num_classes = x.shape
   # Void pixels' logits may hold anything (NaN too): XLA's formulas read
   # them zeroed, the native passes skip them; their keys are 0.
@@ -330,10 +330,12 @@ def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
   chunk = num_classes if chunk is None else min(chunk, num_classes)
   rows = functools.partial(_chunk_rows, num_bins, axis_name, spans_batch)
   if chunk == num_classes:
-    # One pass from the logits to the keys (and their log-sum-exp).
-    (w, losses), lse = rows(x, masked, lab, from_logits,
-                            None if selected.all() else selected)
-    return losses, (x, masked, lse, lab, factor, w)
+    # One pass from the logits to the keys (and their log-sum-exp), which
+    # also checks them.
+    (w, losses), lse, out_of_range = rows(x, masked, lab, from_logits,
+                                          None if selected.all() else selected)
+    factor = _poison(bad | jnp.any(out_of_range != 0), poison_axis, x.dtype)
+    return (losses, factor), (x, masked, lse, lab, factor, w)
   # In chunks the log-sum-exp over every class comes first, and each chunk's
   # probabilities are its own.
   lse = (jax.nn.logsumexp(masked, axis=-1) if from_logits
@@ -354,7 +356,7 @@ def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
     chunk_lab = jnp.where(lab == _extension.VOID_LABEL, lab,
                           lab - start.astype(lab.dtype))
     p = probs(jnp.take(masked, ids, axis=-1))
-    (w, losses), _ = rows(p, p, chunk_lab, False, row_valid)
+    (w, losses), _, _ = rows(p, p, chunk_lab, False, row_valid)
     w_all = lax.dynamic_update_slice_in_dim(w_all, w.astype(w_all.dtype), start, 1)
     l_all = lax.dynamic_update_slice_in_dim(l_all, losses, start, 1)
     return (w_all, l_all), None
@@ -372,13 +374,21 @@ def _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
   init = (_sharding.pcast_varying(init[0], vary),
           _sharding.pcast_varying(init[1], tuple(a for a in vary if a not in split)))
   (w, losses), _ = lax.scan(step, init, (starts, cls, selected[cls]))
-  return losses, (x, masked, lse, lab, factor, w)
+  bad |= (_inputs.bad_logits(x, val[..., None]) if from_logits
+          else _inputs.bad_probabilities(x, val[..., None]))
+  factor = _poison(bad, poison_axis, x.dtype)
+  return (losses, factor), (x, masked, lse, lab, factor, w)
+
+
+def _poison(bad, axis_name, dtype):
+  return _inputs.poison(bad, axis_name).astype(dtype)
 
 
 def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, axis_name,
-                      spans_batch, residuals, ct):
-  del selected, chunk, num_bins, axis_name, spans_batch
+                      spans_batch, poison_axis, residuals, cts):
+  del selected, chunk, num_bins, axis_name, spans_batch, poison_axis
   x, masked, lse, lab, factor, w = residuals
+  ct = cts[0]  # (the NaN factor has no derivative)
   # A NaN factor makes every row's cotangent NaN, so every entry of the
   # gradient is NaN; otherwise void pixels (weight 0) get exactly 0.
   ct = ct.astype(w.dtype) * factor.astype(w.dtype)
@@ -386,17 +396,20 @@ def _softmax_rows_bwd(selected, from_logits, chunk, num_bins, axis_name,
   return d_x.astype(x.dtype), None, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _softmax_row_losses(x, lab, val, factor, selected, from_logits, chunk,
-                        num_bins, axis_name, spans_batch):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _softmax_row_losses(x, lab, val, bad, selected, from_logits, chunk,
+                        num_bins, axis_name, spans_batch, poison_axis):
   """Lovász extension of every (group, class) row: ``[G, P, C] -> [G, C]``.
 
   Void pixels (``val`` false) take part in nothing, whatever their logits,
-  and get zero gradient. Every entry of the gradient is multiplied by
-  ``factor`` (1, or NaN for bad input: ``_inputs.poison``).
+  and get zero gradient. Also returns the factor that reports bad input
+  (``_inputs.poison`` over ``poison_axis``): NaN when ``bad``, or when a
+  valid pixel's logits are not finite (probabilities outside [0, 1] when
+  not ``from_logits``), else 1. Every entry of the gradient is multiplied
+  by it.
   """
-  return _softmax_rows_fwd(x, lab, val, factor, selected, from_logits, chunk,
-                           num_bins, axis_name, spans_batch)[0]
+  return _softmax_rows_fwd(x, lab, val, bad, selected, from_logits, chunk,
+                           num_bins, axis_name, spans_batch, poison_axis)[0]
 
 
 _softmax_row_losses.defvjp(_softmax_rows_fwd, _softmax_rows_bwd)
