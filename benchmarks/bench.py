@@ -21,9 +21,11 @@ Rows:
   histogram             the same with method="histogram", num_bins=4096
   portable ...          the same modes on the portable XLA path that GPU and
                         TPU run (the native kernel off): its default
-                        ("sort2": a pair sort, a second sort to unsort) and
-                        the variants the accelerator benchmark can time
-                        ("scatter", "packed")
+                        ("sort2": a pair sort, a second sort to unsort), the
+                        variants the accelerator benchmark can time
+                        ("scatter", "packed"), and the CPU's choice when the
+                        kernel is missing ("packed-rows": packed, one row at
+                        a time)
   portable, v0.1.0      the portable path of lovasz_jax 0.1.0 (git commit
                         09619b7), measured in this run in a subprocess: the
                         "before" of the memory work (CPU, needs git)
@@ -397,7 +399,7 @@ def bench_shape(name, shape, repeats, with_torch):
   add("naive JAX port", naive_jax_loss)
   rows = {label: (ms, ce, temps[label]) for label, (ms, ce) in interleaved(fns, repeats).items()}
   if jax.default_backend() == "cpu" and _cpu.available():
-    for path in ("sort2", "scatter", "packed"):
+    for path in ("sort2", "scatter", "packed", "packed-rows"):
       with _order.use_path(path):  # (it clears JAX's caches on the way out)
         portable, temps_p = {CE: _loss_grad(cross_entropy, logits, labels)[1]}, {}
         for label, kwargs in modes.items():
@@ -405,7 +407,9 @@ def bench_shape(name, shape, repeats, with_torch):
             continue  # the variants differ in exact mode only
           fn, call = _loss_grad(functools.partial(lovasz_jax.lovasz_softmax, **kwargs),
                                 logits, labels)
-          name = f"portable{label}, {path}" + (" (default)" if path == "sort2" else "")
+          name = f"portable{label}, {path}" + (
+              " (GPU/TPU default)" if path == "sort2" else
+              " (CPU default without the kernel)" if path == "packed-rows" else "")
           portable[name], temps_p[name] = call, _temp_ratio(fn, logits, labels)
         timed = interleaved(portable, repeats)
       rows.update({k: (timed[k][0], timed[k][1], temps_p[k]) for k in temps_p})

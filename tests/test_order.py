@@ -143,3 +143,32 @@ def test_use_path_rejects_unknown_paths():
   with pytest.raises(ValueError, match="path must be one of"):
     with _order.use_path("fast"):
       pass
+
+
+def test_cpu_without_the_kernel_sorts_packed_rows_one_at_a_time():
+  # Where the native kernel is missing (or switched off), the CPU branch
+  # sorts one packed uint64 row at a time: on XLA's CPU sort the fastest
+  # variant, and the only one besides the pair sort within the memory
+  # target (its sort buffers hold one row). GPU and TPU keep the pair sort.
+  import os
+  import subprocess
+  import sys
+  code = """
+import functools, jax, jax.numpy as jnp, lovasz_jax
+from lovasz_jax import _cpu
+assert not _cpu.available()
+x = jax.ShapeDtypeStruct((2, 64, 64, 5), jnp.float32)
+y = jax.ShapeDtypeStruct((2, 64, 64), jnp.int32)
+f = jax.jit(jax.value_and_grad(lovasz_jax.lovasz_softmax))
+compiled = f.lower(x, y).compile()
+text = compiled.as_text()
+ratio = compiled.memory_analysis().temp_size_in_bytes / (2 * 64 * 64 * 5 * 4)
+print("u64 sort" if "u64[" in text and "sort(" in text else "other", "while" in text, ratio)
+"""
+  env = dict(os.environ, LOVASZ_JAX_CPU_KERNEL="0")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kind, loops, ratio = proc.stdout.strip().splitlines()[-1].rsplit(" ", 2)
+  assert kind == "u64 sort" and loops == "True", proc.stdout
+  assert float(ratio) <= 4.0, proc.stdout
