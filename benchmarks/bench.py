@@ -321,24 +321,23 @@ def stage_fns(shape):
   logits, labels = _data(shape)
   num_classes = shape[-1]
 
-  def prologue(x, y):  # the input checks and masks before the rows
+  def prologue(x, y):  # the label checks and masks before the rows
     valid = jnp.ones(y.shape, bool)
-    bad = _inputs.has_bad_labels(y, valid, 0, num_classes) | _inputs.bad_logits(
-        x, valid[..., None])
+    bad = _inputs.has_bad_labels(y, valid, 0, num_classes)
     return jnp.where(valid[..., None], x, 0), _inputs.narrow_labels(
         y, valid, 0, num_classes), bad
 
   x, lab, _ = jax.jit(prologue)(logits, labels)
   x, lab = x.reshape(1, -1, num_classes), lab.reshape(1, -1)
   encode = jax.jit(lambda v, y: _cpu.encode_rows(v, y, 0, True))
-  keys, lse = encode(x, lab)
+  keys, lse, _ = encode(x, lab)
   stages = {
-      "checks and masks (XLA)": (jax.jit(prologue), (logits, labels)),
-      "softmax and keys of every class row (native)": (encode, (x, lab)),
+      "label checks and masks (XLA)": (jax.jit(prologue), (logits, labels)),
+      "softmax, checks and keys of every class row (native)": (encode, (x, lab)),
   }
   w, _ = jax.jit(_cpu.exact_weights)(keys)
   encode_bins = jax.jit(lambda v, y: _cpu.encode_rows(v, y, 4096, True))
-  bins, _ = encode_bins(x, lab)
+  bins, _, _ = encode_bins(x, lab)
   counts = jax.jit(lambda k: _cpu.histogram_counts(k, 4096))(bins)
   omega, _ = jax.jit(lambda c: _extension.slot_weights(c, 4096, jnp.float32))(counts)
   stages.update({
@@ -348,7 +347,7 @@ def stage_fns(shape):
       "gradient from the weights (native)": (
           jax.jit(lambda v, l, y, u, c: _cpu.rows_grad(v, l, y, u, c, True)),
           (x, lse, lab, w, jnp.ones((1, num_classes)))),
-      "histogram: softmax and bin keys (native)": (encode_bins, (x, lab)),
+      "histogram: softmax, checks and bin keys (native)": (encode_bins, (x, lab)),
       "histogram: counts (native)": (
           jax.jit(lambda k: _cpu.histogram_counts(k, 4096)), (bins,)),
       "histogram: slot weights (XLA)": (
