@@ -277,7 +277,9 @@ def slot_weights(counts: jax.Array, num_bins: int,
   # cumulative sum along the bins gives both running counts (inclusive).
   lead = counts.shape[:-1]
   pairs = counts[..., 1:].reshape(lead + (num_bins, 2))[..., ::-1, :]
-  running = jnp.cumsum(pairs, axis=-2)
+  # (An associative scan: XLA's CPU cumsum of this [..., K, 2] array takes
+  # about twice as long. Integer sums: the same result.)
+  running = lax.associative_scan(jnp.add, pairs, axis=pairs.ndim - 2)
   n_bg, n_fg = pairs[..., 0], pairs[..., 1]
   tp_incl, fp_incl = running[..., 1], running[..., 0]
   g = tp_incl[..., -1:]
