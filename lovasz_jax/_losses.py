@@ -292,17 +292,19 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
   return loss * nan_if_bad.astype(loss.dtype)
 
 
-# The softmax rows have a hand-written VJP. The forward pass takes the
-# probabilities once (XLA, pixel-major), and one pixelwise pass
-# (``_distribute.encode_rows``: the native kernel on CPU) builds the
-# class-major keys of every row; the weights come from ``row_weights``. The
-# backward pass is one more pixelwise pass (``rows_grad``) from the weights
-# to d loss / d logits: it recomputes the probabilities from the logits and
-# their log-sum-exp, so the probabilities' cotangent is never materialised,
-# no layout change runs in XLA, and the only large residual is the weights. With class_chunk_size, classes are
-# processed a chunk at a time (a lax.scan writing each chunk's weights into
-# one [G, C, P] array), so the forward pass holds the keys of one chunk.
-# Unselected classes are rows with no valid pixel: they cost no ordering.
+# The softmax rows have a hand-written VJP. In the forward pass one
+# pixelwise pass (``_distribute.encode_rows``: the native kernel on CPU,
+# XLA's formula elsewhere) goes from the logits to the class-major keys of
+# every row, their log-sum-exp, and a flag for out-of-range inputs; the
+# weights come from ``row_weights``. The backward pass is one more pixelwise
+# pass (``rows_grad``) from the weights to d loss / d logits: it recomputes
+# the probabilities from the logits and their log-sum-exp, so neither the
+# probabilities nor their cotangent is materialised, no layout change runs
+# in XLA, and the only large residual is the weights. With
+# class_chunk_size, classes are processed a chunk at a time (a lax.scan
+# writing each chunk's weights into one [G, C, P] array), so the forward
+# pass holds the keys of one chunk. Unselected classes are rows with no
+# valid pixel: they cost no ordering.
 
 
 def _chunk_rows(num_bins, axis_name, spans_batch, x, masked, lab, softmax,
