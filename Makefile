@@ -32,7 +32,7 @@ WHEEL_TESTS := test_api.py test_binary.py test_export.py test_extension.py \
 FLOOR_TESTS := test_api.py test_export.py test_extension.py test_hinge.py \
   test_histogram.py test_lowering.py test_native.py test_order.py test_reliability.py \
   test_sharding.py test_softmax.py
-FLOOR_PYTEST_ARGS := -k 'not test_compiled_temp_memory'
+FLOOR_PYTEST_ARGS := -k 'not compiled_temp_memory'
 
 .PHONY: test demo bench bench-gpu lint docs dist check-wheel check-floor \
   check-no-compiler check-full-size check-layouts check-multihost ci-extra \
