@@ -593,6 +593,24 @@ struct Tiles {
   std::vector<F> v;
 };
 
+// Calls block(g, i0, i1, tiles) on every block [i0, i1) of kPixelBlock
+// pixels of every group g, shared out like rows; tiles: one thread's
+// Tiles<F>(C) scratch.
+template <typename F, typename Block>
+void ForEachPixelBlock(ffi::ThreadPool& pool, int64_t groups, int64_t P, int64_t C,
+                       Block block) {
+  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
+  if (groups * blocks == 0) return;
+  ParallelRows(pool, groups * blocks, kPixelBlock * C,
+               [=](int64_t first, int64_t last, Scratch&) {
+    Tiles<F> tiles(C);
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
+      block(g, i0, std::min(P, i0 + kPixelBlock), tiles.v.data());
+    }
+  });
+}
+
 // x[t0 + t, c] -> tile[c * kTile + t] for t < n (the rest of the tile: 0).
 template <typename F>
 LOVASZ_JAX_INLINE void LoadClassMajor(const F* x, int64_t C, int64_t n, F* tile) {
@@ -704,21 +722,12 @@ template <typename F, typename K>
 void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
                   K* keys, F* lse, int32_t* bad, int64_t groups, int64_t P,
                   int64_t C, int64_t num_bins, bool softmax) {
-  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
-  if (groups * blocks == 0) return;
-  ParallelRows(pool, groups * blocks, kPixelBlock * C,
-               [=](int64_t first, int64_t last, Scratch&) {
-    Tiles<F> tiles(C);
-    for (int64_t u = first; u < last; ++u) {
-      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
-      const int64_t i1 = std::min(P, i0 + kPixelBlock);
-      if constexpr (std::is_same_v<F, float>)
-        EncodeBlockF32(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax,
-                       tiles.v.data());
-      else
-        EncodeBlock(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax,
-                    tiles.v.data());
-    }
+  ForEachPixelBlock<F>(pool, groups, P, C,
+                       [=](int64_t g, int64_t i0, int64_t i1, F* tiles) {
+    if constexpr (std::is_same_v<F, float>)
+      EncodeBlockF32(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax, tiles);
+    else
+      EncodeBlock(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax, tiles);
   });
 }
 
@@ -819,19 +828,12 @@ template <typename F>
 void GradPixels(ffi::ThreadPool& pool, const F* x, const F* lse,
                 const int32_t* labels, const F* w, const F* ct, F* d,
                 int64_t groups, int64_t P, int64_t C, bool softmax) {
-  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
-  if (groups * blocks == 0) return;
-  ParallelRows(pool, groups * blocks, kPixelBlock * C,
-               [=](int64_t first, int64_t last, Scratch&) {
-    Tiles<F> tiles(C);
-    for (int64_t u = first; u < last; ++u) {
-      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
-      const int64_t i1 = std::min(P, i0 + kPixelBlock);
-      if constexpr (std::is_same_v<F, float>)
-        GradBlockF32(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles.v.data());
-      else
-        GradBlock(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles.v.data());
-    }
+  ForEachPixelBlock<F>(pool, groups, P, C,
+                       [=](int64_t g, int64_t i0, int64_t i1, F* tiles) {
+    if constexpr (std::is_same_v<F, float>)
+      GradBlockF32(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
+    else
+      GradBlock(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
   });
 }
 

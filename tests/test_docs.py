@@ -68,6 +68,17 @@ def test_api_page_names_every_public_name(tmp_path):
   assert "example failed" not in warnings, warnings
 
 
+def _site(tmp_path):
+  """A Sphinx source folder whose conf.py loads only the example runner."""
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "conf.py").write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(DOCS / '_ext')!r})\n"
+      "extensions = ['myst_parser', 'lovasz_docs']\n", encoding="utf-8")
+  return src
+
+
 @pytest.mark.parametrize("page, message", [
     ("```python\nx = 1\nassert x == 2\n```\n", "code example failed"),
     ("```{code-block} python\n:class: no-run\n\nraise SystemExit\n```\n",
@@ -75,24 +86,14 @@ def test_api_page_names_every_public_name(tmp_path):
     ("no examples at all\n", "no example ran"),
 ])
 def test_example_runner_fails_loudly(tmp_path, page, message):
-  src = tmp_path / "src"
-  src.mkdir()
-  (src / "conf.py").write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {str(DOCS / '_ext')!r})\n"
-      "extensions = ['myst_parser', 'lovasz_docs']\n", encoding="utf-8")
+  src = _site(tmp_path)
   (src / "index.md").write_text("# Page\n\n" + page, encoding="utf-8")
   warnings, _ = _build(src, tmp_path / "out")
   assert message in warnings, warnings
 
 
 def test_example_runner_runs_and_skips_marked_blocks(tmp_path):
-  src = tmp_path / "src"
-  src.mkdir()
-  (src / "conf.py").write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {str(DOCS / '_ext')!r})\n"
-      "extensions = ['myst_parser', 'lovasz_docs']\n", encoding="utf-8")
+  src = _site(tmp_path)
   marker = tmp_path / "ran.txt"
   (src / "index.md").write_text(
       "# Page\n\n```python\nimport pathlib\nx = 41\n```\n\n"
