@@ -321,25 +321,23 @@ def stage_fns(shape):
   logits, labels = _data(shape)
   num_classes = shape[-1]
 
-  def prologue(x, y):  # the label checks and masks before the rows
+  def prologue(y):  # the label checks before the rows
     valid = jnp.ones(y.shape, bool)
     bad = _inputs.has_bad_labels(y, valid, 0, num_classes)
-    return jnp.where(valid[..., None], x, 0), _inputs.narrow_labels(
-        y, valid, 0, num_classes), bad
+    return _inputs.narrow_labels(y, valid, 0, num_classes), bad
 
-  x, lab, _ = jax.jit(prologue)(logits, labels)
-  x, lab = x.reshape(1, -1, num_classes), lab.reshape(1, -1)
+  lab, _ = jax.jit(prologue)(labels)
+  x, lab = logits.reshape(1, -1, num_classes), lab.reshape(1, -1)
   encode = jax.jit(lambda v, y: _cpu.encode_rows(v, y, 0, True))
   keys, lse, _ = encode(x, lab)
   stages = {
-      "label checks and masks (XLA)": (jax.jit(prologue), (logits, labels)),
+      "label checks (XLA)": (jax.jit(prologue), (labels,)),
       "softmax, checks and keys of every class row (native)": (encode, (x, lab)),
   }
   w, _ = jax.jit(_cpu.exact_weights)(keys)
-  encode_bins = jax.jit(lambda v, y: _cpu.encode_rows(v, y, 4096, True))
-  bins, _, _ = encode_bins(x, lab)
-  counts = jax.jit(lambda k: _cpu.histogram_counts(k, 4096))(bins)
-  omega, _ = jax.jit(lambda c: _extension.slot_weights(c, 4096, jnp.float32))(counts)
+  encode_counts = jax.jit(lambda v, y: _cpu.encode_counts(v, y, 4096, True))
+  counts, _, _ = encode_counts(x, lab)
+  omega, _ = jax.jit(lambda c: _cpu.slot_weights(c, 4096, jnp.float32))(counts)
   stages.update({
       "sort and walk of the rows (native)": (jax.jit(_cpu.exact_weights), (keys,)),
       "present classes (XLA)": (jax.jit(lambda y: jnp.any(
@@ -347,12 +345,13 @@ def stage_fns(shape):
       "gradient from the weights (native)": (
           jax.jit(lambda v, l, y, u, c: _cpu.rows_grad(v, l, y, u, c, True)),
           (x, lse, lab, w, jnp.ones((1, num_classes)))),
-      "histogram: softmax, checks and bin keys (native)": (encode_bins, (x, lab)),
-      "histogram: counts (native)": (
-          jax.jit(lambda k: _cpu.histogram_counts(k, 4096)), (bins,)),
-      "histogram: slot weights (XLA)": (
-          jax.jit(lambda c: _extension.slot_weights(c, 4096, jnp.float32)), (counts,)),
-      "histogram: lookup (native)": (jax.jit(_cpu.lookup), (omega, bins)),
+      "histogram: softmax, checks and counts of the keys (native)": (
+          encode_counts, (x, lab)),
+      "histogram: slot weights (native)": (
+          jax.jit(lambda c: _cpu.slot_weights(c, 4096, jnp.float32)), (counts,)),
+      "histogram: gradient, keys recomputed and slots looked up (native)": (
+          jax.jit(lambda v, y, o, c: _cpu.rows_grad_table(v, y, o, c, True)),
+          (x, lab, omega, jnp.ones((1, num_classes)))),
   })
   fns = {CE: _loss_grad(cross_entropy, logits, labels)[1]}
   for label, (fn, args) in stages.items():

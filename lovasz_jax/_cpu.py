@@ -42,18 +42,25 @@ import numpy as np
 
 from lovasz_jax import _sharding
 
-# The kernel's entry points (one shared library): exact weights, the two
-# halves of histogram mode (so that counts can be summed over devices between
-# them), and the two passes between the softmax losses' pixel-major
-# probabilities and class-major rows (keys in, gradient out).
+# The kernel's entry points (one shared library): exact weights, the steps
+# of histogram mode (counts, slot weights from counts, lookup; counts can be
+# summed over devices in between), and the passes between the softmax
+# losses' pixel-major logits and class-major rows (keys in, gradient out;
+# in histogram mode, counts in and a gradient that looks the slot weights
+# up itself).
 _TARGET = "lovasz_jax_weights"
 _COUNTS_TARGET = "lovasz_jax_counts"
 _LOOKUP_TARGET = "lovasz_jax_lookup"
 _ENCODE_TARGET = "lovasz_jax_encode"
 _GRAD_TARGET = "lovasz_jax_grad"
+_SLOTS_TARGET = "lovasz_jax_slots"
+_GRAD_TABLE_TARGET = "lovasz_jax_grad_table"
+_ENCODE_COUNTS_TARGET = "lovasz_jax_encode_counts"
 _HANDLERS = {_TARGET: "LovaszJaxWeights", _COUNTS_TARGET: "LovaszJaxCounts",
              _LOOKUP_TARGET: "LovaszJaxLookup", _ENCODE_TARGET: "LovaszJaxEncode",
-             _GRAD_TARGET: "LovaszJaxGrad"}
+             _GRAD_TARGET: "LovaszJaxGrad", _SLOTS_TARGET: "LovaszJaxSlots",
+             _GRAD_TABLE_TARGET: "LovaszJaxGradTable",
+             _ENCODE_COUNTS_TARGET: "LovaszJaxEncodeCounts"}
 # Public (lovasz_jax.CPU_CUSTOM_CALL_TARGETS): the custom calls a CPU program
 # may hold, for jax.export's DisabledSafetyCheck.custom_call.
 CPU_CUSTOM_CALL_TARGETS = tuple(_HANDLERS)
@@ -206,6 +213,12 @@ def available() -> bool:
 register()
 
 
+def _need_kernel() -> None:
+  if not available():
+    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
+                       f"{_registration_error() or 'switched off'}")
+
+
 def _varying_like(keys: jax.Array, *outs: jax.Array) -> tuple[jax.Array, ...]:
   # Inside shard_map a custom call's results vary over the same mesh axes as
   # its operand.
@@ -219,9 +232,7 @@ def exact_weights(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   Args:
     keys: ``encode_keys`` keys ``[..., P]`` (uint32, or uint64 for float64).
   """
-  if not available():
-    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
-                       f"{_registration_error() or 'switched off'}")
+  _need_kernel()
   out_dtype = "float32" if keys.dtype.itemsize == 4 else "float64"
   call = jax.ffi.ffi_call(
       _TARGET,
@@ -234,9 +245,7 @@ def exact_weights(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def histogram_counts(keys: jax.Array, num_bins: int) -> jax.Array:
   """Pixels per slot ``[..., 2K + 1]`` (int32) of ``encode_bins`` keys, on CPU."""
-  if not available():
-    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
-                       f"{_registration_error() or 'switched off'}")
+  _need_kernel()
   call = jax.ffi.ffi_call(
       _COUNTS_TARGET,
       jax.ShapeDtypeStruct(keys.shape[:-1] + (2 * num_bins + 1,), "int32"),
@@ -244,11 +253,21 @@ def histogram_counts(keys: jax.Array, num_bins: int) -> jax.Array:
   return _varying_like(keys, call(keys, num_bins=np.int64(num_bins)))[0]
 
 
+def slot_weights(counts: jax.Array, num_bins: int,
+                 dtype) -> tuple[jax.Array, jax.Array]:
+  """``_extension.slot_weights`` on CPU: ``(omega [..., 2K + 1], losses [...])``."""
+  _need_kernel()
+  call = jax.ffi.ffi_call(
+      _SLOTS_TARGET, (jax.ShapeDtypeStruct(counts.shape, dtype),
+                      jax.ShapeDtypeStruct(counts.shape[:-1], dtype)),
+      vmap_method="broadcast_all")
+  omega, losses = _varying_like(counts, *call(counts, num_bins=np.int64(num_bins)))
+  return omega, losses
+
+
 def lookup(omega: jax.Array, keys: jax.Array) -> jax.Array:
   """``omega[..., keys]`` along the last axis (each pixel's slot weight), on CPU."""
-  if not available():
-    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
-                       f"{_registration_error() or 'switched off'}")
+  _need_kernel()
   call = jax.ffi.ffi_call(
       _LOOKUP_TARGET, jax.ShapeDtypeStruct(keys.shape, omega.dtype),
       vmap_method="broadcast_all")
@@ -272,19 +291,33 @@ def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
     ``softmax``), and int32 ``[..., P]``: 1 at valid pixels with a value out
     of its domain (a non-finite logit, or a probability outside [0, 1]).
   """
-  if not available():
-    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
-                       f"{_registration_error() or 'switched off'}")
   shape = x.shape[:-2] + (x.shape[-1], x.shape[-2])
   key = "uint32" if x.dtype.itemsize == 4 else "uint64"
+  return _encode_call(_ENCODE_TARGET, jax.ShapeDtypeStruct(shape, key), x, labels,
+                      num_bins, softmax)
+
+
+def _encode_call(target: str, first: jax.ShapeDtypeStruct, x: jax.Array,
+                 labels: jax.Array, num_bins: int,
+                 softmax: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """An encode pass: (``first``, log-sum-exp, out-of-range flags)."""
+  _need_kernel()
   call = jax.ffi.ffi_call(
-      _ENCODE_TARGET, (jax.ShapeDtypeStruct(shape, key),
-                       jax.ShapeDtypeStruct(x.shape[:-1], x.dtype),
-                       jax.ShapeDtypeStruct(x.shape[:-1], "int32")),
+      target, (first, jax.ShapeDtypeStruct(x.shape[:-1], x.dtype),
+               jax.ShapeDtypeStruct(x.shape[:-1], "int32")),
       vmap_method="broadcast_all")
-  keys, lse, bad = _varying_like(x, *call(x, labels, num_bins=np.int64(num_bins),
-                                          softmax=np.int64(bool(softmax))))
-  return keys, lse, bad
+  out, lse, bad = _varying_like(x, *call(x, labels, num_bins=np.int64(num_bins),
+                                         softmax=np.int64(bool(softmax))))
+  return out, lse, bad
+
+
+def encode_counts(x: jax.Array, labels: jax.Array, num_bins: int,
+                  softmax: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``encode_rows`` in histogram mode with each row's keys counted per slot
+  (``[..., C, 2K + 1]``, int32) as they are computed, instead of stored;
+  with the log-sum-exp and out-of-range flags of ``encode_rows``."""
+  counts = jax.ShapeDtypeStruct(x.shape[:-2] + (x.shape[-1], 2 * num_bins + 1), "int32")
+  return _encode_call(_ENCODE_COUNTS_TARGET, counts, x, labels, num_bins, softmax)
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,
@@ -293,10 +326,20 @@ def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,
 
   ``lse`` is ``[..., P]`` (any values when not ``softmax``).
   """
-  if not available():
-    raise RuntimeError("the lovasz_jax native CPU kernel is not available: "
-                       f"{_registration_error() or 'switched off'}")
+  _need_kernel()
   call = jax.ffi.ffi_call(_GRAD_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
                           vmap_method="broadcast_all")
   return _varying_like(x, call(x, lse, labels, w, ct,
+                               softmax=np.int64(bool(softmax))))[0]
+
+
+def rows_grad_table(x: jax.Array, labels: jax.Array, omega: jax.Array,
+                    ct: jax.Array, softmax: bool) -> jax.Array:
+  """``rows_grad`` in histogram mode: each pixel's weight is ``omega[..., c,
+  key]``, its key recomputed from ``x`` exactly as ``encode_rows`` (with
+  ``num_bins = (omega.shape[-1] - 1) // 2``) computed it on CPU."""
+  _need_kernel()
+  call = jax.ffi.ffi_call(_GRAD_TABLE_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          vmap_method="broadcast_all")
+  return _varying_like(x, call(x, labels, omega, ct,
                                softmax=np.int64(bool(softmax))))[0]

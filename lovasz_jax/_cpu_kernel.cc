@@ -24,8 +24,13 @@
 //     + 1, 0 for void) -> counts [..., 2K + 1] (s32), each slot's pixels;
 //   lovasz_jax_lookup: (omega [..., 2K + 1], keys [..., P]) -> each pixel's
 //     slot weight omega[..., key] (f32 or f64).
-// The slot weights themselves are computed from the counts in XLA
-// (lovasz_jax._extension.slot_weights): the table is small.
+//   lovasz_jax_slots: counts -> (omega [..., 2K + 1], row losses), the slot
+//     weights of lovasz_jax._extension.slot_weights (its XLA version);
+//   lovasz_jax_encode_counts and lovasz_jax_grad_table: the softmax losses'
+//     two passes (below) in histogram mode: the first counts each row's
+//     keys per slot as it computes them, the second recomputes them and
+//     reads each pixel's weight as omega[..., key], so that neither keys
+//     nor per-pixel weights are ever stored.
 //
 // Threads: rows are independent. Once a call has at least 2^16 keys, its rows
 // are shared out in chunks between the calling thread and tasks scheduled on
@@ -42,9 +47,12 @@
 // LovaszJaxFfiApiVersion reports the version it was built against, so that
 // lovasz_jax checks it before registering the handler.
 //
-// Entry points (at the end of the file): LovaszJaxWeights, LovaszJaxCounts
-// and LovaszJaxLookup, targets "lovasz_jax_weights", "lovasz_jax_counts" and
-// "lovasz_jax_lookup".
+// Entry points (at the end of the file): LovaszJaxWeights, LovaszJaxCounts,
+// LovaszJaxLookup, LovaszJaxEncode, LovaszJaxGrad, LovaszJaxSlots,
+// LovaszJaxGradTable and LovaszJaxEncodeCounts, targets "lovasz_jax_weights",
+// "lovasz_jax_counts", "lovasz_jax_lookup", "lovasz_jax_encode",
+// "lovasz_jax_grad", "lovasz_jax_slots", "lovasz_jax_grad_table" and
+// "lovasz_jax_encode_counts".
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -57,6 +65,11 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define LOVASZ_JAX_X86_CLONES 1
+#include <immintrin.h>
+#endif
 
 #ifdef LOVASZ_JAX_SPAWN_THREADS
 #include <thread>
@@ -439,6 +452,74 @@ ffi::Error LookupImpl(ffi::ThreadPool pool, ffi::AnyBuffer omega, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+// lovasz_jax_slots: counts [..., 2K + 1] (s32) -> (omega [..., 2K + 1],
+// losses [...]), as lovasz_jax._extension.slot_weights computes them in XLA:
+// bins in descending order, foreground slot (2b + 2) before background slot
+// (2b + 1); a foreground slot weighs 1 / (g + fp), a background slot of n
+// pixels (g - tp) / ((g + fp) (g + fp + n)) (1 / n when g + fp == 0), with
+// tp and fp counted before it (an empty slot: as if n were 1); slot 0 weighs
+// 0. The row's
+// loss sums each slot's pixels times its weight times its bin's centre
+// (b + 1/2) / K. Double precision throughout, rounded at the end.
+template <typename F>
+void SlotRows(ffi::ThreadPool& pool, const int32_t* counts, F* omega, F* losses,
+              int64_t rows, int64_t num_bins) {
+  const int64_t slots = 2 * num_bins + 1;
+  ParallelRows(pool, rows, slots, [=](int64_t first, int64_t last, Scratch&) {
+    for (int64_t r = first; r < last; ++r) {
+      const int32_t* n = counts + r * slots;
+      F* w = omega + r * slots;
+      int64_t g = 0;
+      for (int64_t b = 0; b < num_bins; ++b) g += n[2 * b + 2];
+      int64_t tp = 0, fp = 0;
+      double loss = 0;
+      w[0] = 0;
+      for (int64_t b = num_bins - 1; b >= 0; --b) {
+        const int64_t n_fg = n[2 * b + 2], n_bg = n[2 * b + 1];
+        const double u = static_cast<double>(g + fp);
+        const double w_fg = 1.0 / std::max(u, 1.0);
+        tp += n_fg;
+        const double nb = static_cast<double>(n_bg);
+        const double w_bg = u == 0 ? 1.0 / std::max(nb, 1.0)
+                                   : static_cast<double>(g - tp) / (u * (u + nb));
+        fp += n_bg;
+        w[2 * b + 2] = static_cast<F>(w_fg);
+        w[2 * b + 1] = static_cast<F>(w_bg);
+        loss += (static_cast<double>(b) + 0.5) / static_cast<double>(num_bins) *
+                (static_cast<double>(n_fg) * w_fg + nb * w_bg);
+      }
+      losses[r] = static_cast<F>(loss);
+    }
+  });
+}
+
+ffi::Error SlotsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> counts,
+                     ffi::Result<ffi::AnyBuffer> omega,
+                     ffi::Result<ffi::AnyBuffer> losses, int64_t num_bins) {
+  if (num_bins < 1 || num_bins > (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("num_bins must be in [1, 2^30]");
+  const int64_t slots = 2 * num_bins + 1;
+  const auto dims = counts.dimensions();
+  if (dims.size() == 0 || dims.back() != slots ||
+      omega->element_count() != counts.element_count())
+    return ffi::Error::InvalidArgument("counts and omega must be [..., 2 num_bins + 1]");
+  const int64_t rows = static_cast<int64_t>(counts.element_count()) / slots;
+  if (static_cast<int64_t>(losses->element_count()) != rows)
+    return ffi::Error::InvalidArgument("losses must be [...]");
+  const auto t = omega->element_type();
+  if (losses->element_type() != t)
+    return ffi::Error::InvalidArgument("omega and losses must share a dtype");
+  if (t == ffi::DataType::F32)
+    SlotRows(pool, counts.typed_data(), omega->typed_data<float>(),
+             losses->typed_data<float>(), rows, num_bins);
+  else if (t == ffi::DataType::F64)
+    SlotRows(pool, counts.typed_data(), omega->typed_data<double>(),
+             losses->typed_data<double>(), rows, num_bins);
+  else
+    return ffi::Error::InvalidArgument("expected f32 or f64 omega");
+  return ffi::Error::Success();
+}
+
 //===----------------------------------------------------------------------===//
 // Entry points: lovasz_jax_encode and lovasz_jax_grad (class rows from pixels)
 //===----------------------------------------------------------------------===//
@@ -478,7 +559,7 @@ constexpr int64_t kTile = 64;
 // for x86-64-v3 (AVX2 and FMA: eight lanes where the baseline has four),
 // chosen when the library loads (an ifunc). The work is the same, bit for
 // bit up to FMA contraction, which changes the last bit of some products.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#ifdef LOVASZ_JAX_X86_CLONES
 #define LOVASZ_JAX_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LOVASZ_JAX_CLONES
@@ -498,15 +579,21 @@ LOVASZ_JAX_INLINE K ErrorKey(F e, bool fg) {
   return static_cast<K>(((static_cast<K>(bits) << 1) | K(fg)) + 1);
 }
 
-// floor(e * K) clipped to [0, K): e >= 0, so the floor is a truncation, and
-// NaN, inf and e >= 1 all land in the top bin (no comparison with NaN holds).
-template <typename F, typename K>
-LOVASZ_JAX_INLINE K BinKey(F e, bool fg, int64_t num_bins) {
-  const F s = e * static_cast<F>(num_bins);
-  const K bin = s < static_cast<F>(num_bins - 1)
-                    ? static_cast<K>(static_cast<int64_t>(s))
-                    : static_cast<K>(num_bins - 1);
-  return static_cast<K>(((bin << 1) | K(fg)) + 1);
+// The histogram key of probability p in row c of a pixel labelled l:
+// ((bin << 1) | fg) + 1 with bin = floor(e * K) of the error e = |fg - p|,
+// clipped to [0, K) (e >= 0, so the floor is a truncation, and NaN, inf and
+// e >= 1 all land in the top bin: no comparison with NaN holds); 0 if the
+// pixel is void. scale = K and top = K - 1 as F. I is the lane type (32-bit
+// for float32, so that the loops vectorise). The encode and gradient passes
+// both call this on the same probabilities, so they get the same keys.
+template <typename F, typename K, typename I>
+LOVASZ_JAX_INLINE K HistogramKey(F p, I l, I c, F scale, F top, int64_t num_bins) {
+  const bool fg = l == c;
+  const F e = std::fabs((fg ? F(1) : F(0)) - p);
+  const F sc = e * scale;
+  const K bin = sc < top ? static_cast<K>(static_cast<I>(sc)) : static_cast<K>(num_bins - 1);
+  const K key = ((bin << 1) | K(fg)) + 1;
+  return l == kVoidLabel ? K(0) : key;
 }
 
 // exp(x) for x <= 0 (a log-probability), in a form that vectorises: x is
@@ -648,11 +735,31 @@ LOVASZ_JAX_INLINE void SoftmaxTile(F* e, const int32_t* lab, int64_t C, int64_t 
   }
 }
 
-// One block of pixels [i0, i1) of group g; tiles: Tiles<F>(C).v.
+// SoftmaxTile for float32, compiled once (per clone) and called by both the
+// encode pass and the histogram gradient pass, so that both get the same
+// probabilities bit for bit (inlined into each, the compiler could contract
+// different products into FMAs), and so the same histogram keys.
+LOVASZ_JAX_CLONES __attribute__((noinline)) void SoftmaxTileF32(
+    float* e, const int32_t* lab, int64_t C, int64_t n, float* m, float* s, float* lse) {
+  SoftmaxTile(e, lab, C, n, m, s, lse);
+}
+
+template <typename F>
+LOVASZ_JAX_INLINE void Softmax(F* e, const int32_t* lab, int64_t C, int64_t n, F* m, F* s,
+                               F* lse) {
+  if constexpr (std::is_same_v<F, float>)
+    SoftmaxTileF32(e, lab, C, n, m, s, lse);
+  else
+    SoftmaxTile(e, lab, C, n, m, s, lse);
+}
+
+// One block of pixels [i0, i1) of group g; tiles: Tiles<F>(C).v. With
+// counts (histogram mode), the keys are not written but counted into
+// counts[c, key] (the group's [C, 2K + 1] table).
 template <typename F, typename K>
 LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
-                                   F* lse, int32_t* bad, int64_t P, int64_t C,
-                                   int64_t g, int64_t i0, int64_t i1,
+                                   int32_t* counts, F* lse, int32_t* bad, int64_t P,
+                                   int64_t C, int64_t g, int64_t i0, int64_t i1,
                                    int64_t num_bins, bool softmax, F* tiles) {
   F* p = tiles;
   F* m = p + 3 * kTile * C;
@@ -663,6 +770,7 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
   const F lo = softmax ? -std::numeric_limits<F>::max() : F(0);
   const F hi = softmax ? std::numeric_limits<F>::max() : F(1);
   int32_t out_of_range[kTile];
+  K tile_keys[kTile];
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
     const int32_t* lab = labels + g * P + t0;
@@ -675,7 +783,7 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
     for (int64_t t = 0; t < n; ++t)
       bad[g * P + t0 + t] = lab[t] == kVoidLabel ? 0 : out_of_range[t];
     if (softmax) {
-      SoftmaxTile(p, lab, C, n, m, s, l);
+      Softmax(p, lab, C, n, m, s, l);
       std::copy(l, l + n, lse + g * P + t0);
     } else {
       std::fill(lse + g * P + t0, lse + g * P + t0 + n, F(0));
@@ -684,18 +792,15 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
     using I = std::conditional_t<sizeof(F) == 4, int32_t, int64_t>;
     for (I c = 0; c < static_cast<I>(C); ++c) {
       const F* row = p + c * kTile;
-      K* out = keys + (g * C + c) * P + t0;
+      K* out = counts ? tile_keys : keys + (g * C + c) * P + t0;
       if (num_bins) {
         const F scale = static_cast<F>(num_bins);
         const F top = static_cast<F>(num_bins - 1);
-        for (int64_t t = 0; t < n; ++t) {
-          const I l = lab[t];
-          const bool fg = l == c;
-          const F e = std::fabs((fg ? F(1) : F(0)) - row[t]);
-          const F sc = e * scale;
-          const K bin = sc < top ? static_cast<K>(static_cast<I>(sc)) : static_cast<K>(num_bins - 1);
-          const K key = ((bin << 1) | K(fg)) + 1;
-          out[t] = l == kVoidLabel ? K(0) : key;
+        for (int64_t t = 0; t < n; ++t)
+          out[t] = HistogramKey<F, K, I>(row[t], lab[t], c, scale, top, num_bins);
+        if (counts) {
+          int32_t* table = counts + c * (2 * num_bins + 1);
+          for (int64_t t = 0; t < n; ++t) ++table[out[t]];
         }
       } else {
         for (int64_t t = 0; t < n; ++t) {
@@ -711,11 +816,25 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
 }
 
 LOVASZ_JAX_CLONES void EncodeBlockF32(const float* x, const int32_t* labels,
-                                      uint32_t* keys, float* lse, int32_t* bad,
-                                      int64_t P, int64_t C, int64_t g, int64_t i0,
-                                      int64_t i1, int64_t num_bins, bool softmax,
-                                      float* tiles) {
-  EncodeBlock(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax, tiles);
+                                      uint32_t* keys, int32_t* counts, float* lse,
+                                      int32_t* bad, int64_t P, int64_t C, int64_t g,
+                                      int64_t i0, int64_t i1, int64_t num_bins,
+                                      bool softmax, float* tiles) {
+  EncodeBlock(x, labels, keys, counts, lse, bad, P, C, g, i0, i1, num_bins, softmax,
+              tiles);
+}
+
+template <typename F, typename K>
+LOVASZ_JAX_INLINE void EncodeAny(const F* x, const int32_t* labels, K* keys,
+                                 int32_t* counts, F* lse, int32_t* bad, int64_t P,
+                                 int64_t C, int64_t g, int64_t i0, int64_t i1,
+                                 int64_t num_bins, bool softmax, F* tiles) {
+  if constexpr (std::is_same_v<F, float>)
+    EncodeBlockF32(x, labels, keys, counts, lse, bad, P, C, g, i0, i1, num_bins, softmax,
+                   tiles);
+  else
+    EncodeBlock(x, labels, keys, counts, lse, bad, P, C, g, i0, i1, num_bins, softmax,
+                tiles);
 }
 
 template <typename F, typename K>
@@ -724,11 +843,96 @@ void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
                   int64_t C, int64_t num_bins, bool softmax) {
   ForEachPixelBlock<F>(pool, groups, P, C,
                        [=](int64_t g, int64_t i0, int64_t i1, F* tiles) {
-    if constexpr (std::is_same_v<F, float>)
-      EncodeBlockF32(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax, tiles);
-    else
-      EncodeBlock(x, labels, keys, lse, bad, P, C, g, i0, i1, num_bins, softmax, tiles);
+    EncodeAny(x, labels, keys, static_cast<int32_t*>(nullptr), lse, bad, P, C, g, i0, i1,
+              num_bins, softmax, tiles);
   });
+}
+
+// Histogram mode: the encode pass counting each row's keys into counts
+// [groups, C, 2K + 1] as it computes them, without writing them. The blocks
+// are split into contiguous stripes, one per participating thread (at most
+// kMaxStripes), each counting into its own table (the first into counts);
+// the tables are then summed, row by row.
+constexpr int64_t kMaxStripes = 16;
+
+template <typename F>
+void EncodeCountPixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
+                       int32_t* counts, F* lse, int32_t* bad, int64_t groups, int64_t P,
+                       int64_t C, int64_t num_bins, bool softmax) {
+  using K = std::conditional_t<sizeof(F) == 4, uint32_t, uint64_t>;
+  const int64_t slots = 2 * num_bins + 1, table = groups * C * slots;
+  std::fill(counts, counts + table, 0);
+  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock, units = groups * blocks;
+  if (units == 0) return;
+  const int64_t threads = units * kPixelBlock * C < kParallelKeys ? 1 : pool.num_threads();
+  const int64_t stripes = std::max<int64_t>(1, std::min({units, threads, kMaxStripes}));
+  std::vector<int32_t> partial(static_cast<size_t>((stripes - 1) * table), 0);
+  int32_t* extra = partial.data();
+  ParallelRows(pool, stripes, (units / stripes) * kPixelBlock * C,
+               [=](int64_t first, int64_t last, Scratch&) {
+    Tiles<F> tiles(C);
+    for (int64_t st = first; st < last; ++st) {
+      int32_t* mine = st == 0 ? counts : extra + (st - 1) * table;
+      for (int64_t u = st * units / stripes; u < (st + 1) * units / stripes; ++u) {
+        const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
+        EncodeAny(x, labels, static_cast<K*>(nullptr), mine + g * C * slots, lse, bad, P,
+                  C, g, i0, std::min(P, i0 + kPixelBlock), num_bins, softmax,
+                  tiles.v.data());
+      }
+    }
+  });
+  if (stripes > 1)
+    ParallelRows(pool, groups * C, slots * stripes,
+                 [=](int64_t first, int64_t last, Scratch&) {
+      for (int64_t r = first; r < last; ++r)
+        for (int64_t st = 1; st < stripes; ++st) {
+          const int32_t* from = extra + (st - 1) * table + r * slots;
+          int32_t* to = counts + r * slots;
+          for (int64_t k = 0; k < slots; ++k) to[k] += from[k];
+        }
+    });
+}
+
+// lovasz_jax_encode_counts: (x [..., P, C], labels [..., P]) -> (counts
+// [..., C, 2K + 1] s32, lse [..., P], bad [..., P]): lovasz_jax_encode with
+// num_bins = K >= 1, each row's keys counted per slot instead of written.
+ffi::Error EncodeCountsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                            ffi::Buffer<ffi::S32> labels,
+                            ffi::Result<ffi::Buffer<ffi::S32>> counts,
+                            ffi::Result<ffi::AnyBuffer> lse,
+                            ffi::Result<ffi::Buffer<ffi::S32>> bad, int64_t num_bins,
+                            int64_t softmax) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
+  const int64_t P = dims[dims.size() - 2], C = dims.back();
+  if (P > static_cast<int64_t>(INT32_MAX))
+    return ffi::Error::InvalidArgument("rows longer than 2^31 - 1 pixels are not supported");
+  if (num_bins < 1 || num_bins >= (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("num_bins must be in [1, 2^30)");
+  const int64_t slots = 2 * num_bins + 1;
+  const auto cd = counts->dimensions();
+  if (cd.size() != dims.size() || cd.back() != slots || cd[cd.size() - 2] != C)
+    return ffi::Error::InvalidArgument("counts must be [..., C, 2 num_bins + 1]");
+  const int64_t groups = static_cast<int64_t>(counts->element_count()) / (C * slots);
+  if (static_cast<int64_t>(x.element_count()) != groups * P * C ||
+      static_cast<int64_t>(labels.element_count()) != groups * P ||
+      static_cast<int64_t>(lse->element_count()) != groups * P ||
+      static_cast<int64_t>(bad->element_count()) != groups * P)
+    return ffi::Error::InvalidArgument("labels, lse and bad must be [..., P]");
+  const auto t = x.element_type();
+  if (lse->element_type() != t)
+    return ffi::Error::InvalidArgument("x and lse must share a dtype");
+  if (t == ffi::DataType::F32)
+    EncodeCountPixels(pool, x.typed_data<float>(), labels.typed_data(), counts->typed_data(),
+                      lse->typed_data<float>(), bad->typed_data(), groups, P, C, num_bins,
+                      softmax != 0);
+  else if (t == ffi::DataType::F64)
+    EncodeCountPixels(pool, x.typed_data<double>(), labels.typed_data(),
+                      counts->typed_data(), lse->typed_data<double>(), bad->typed_data(),
+                      groups, P, C, num_bins, softmax != 0);
+  else
+    return ffi::Error::InvalidArgument("expected f32 or f64 x");
+  return ffi::Error::Success();
 }
 
 ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
@@ -824,6 +1028,125 @@ LOVASZ_JAX_CLONES void GradBlockF32(const float* x, const float* lse,
   GradBlock(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
 }
 
+// Histogram mode: one block of pixels [i0, i1) of group g, each pixel's
+// weight in row c being omega[g, c, key] for its histogram key, which this
+// recomputes from the logits exactly as the encode pass computed it (the same
+// Softmax and HistogramKey), so that no key or weight is ever stored.
+// r[t] = (lab[t] == c ? -sc : sc) * table[key[t]] for t < n: each pixel's
+// slot weight, negated in its own class's row, times the row's cotangent.
+template <typename F, typename K, typename I>
+LOVASZ_JAX_INLINE void WeighByTable(const F* table, const K* key, const int32_t* lab, I c,
+                                    F sc, int64_t n, F* r) {
+  for (int64_t t = 0; t < n; ++t) r[t] = (lab[t] == c ? -sc : sc) * table[key[t]];
+}
+
+#ifdef LOVASZ_JAX_X86_CLONES
+// The same with AVX2's gather, eight pixels at a time (GCC does not
+// vectorise the loop above into gathers). The keys must be below 2^31.
+__attribute__((target("arch=x86-64-v3"))) inline void WeighByTableAvx2(
+    const float* table, const uint32_t* key, const int32_t* lab, int32_t c, float sc,
+    int64_t n, float* r) {
+  const __m256 pos = _mm256_set1_ps(sc), neg = _mm256_set1_ps(-sc);
+  const __m256i cls = _mm256_set1_epi32(c);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + t));
+    const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lab + t));
+    const __m256 w = _mm256_i32gather_ps(table, k, 4);
+    const __m256 sign =
+        _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_cmpeq_epi32(l, cls)));
+    _mm256_storeu_ps(r + t, _mm256_mul_ps(sign, w));
+  }
+  WeighByTable(table, key + t, lab + t, c, sc, n - t, r + t);
+}
+#endif
+
+template <typename F, bool kAvx2 = false>
+LOVASZ_JAX_INLINE void GradTableBlock(const F* x, const int32_t* labels, const F* omega,
+                                      int64_t slots, const F* ct, F* d, int64_t P,
+                                      int64_t C, int64_t g, int64_t i0, int64_t i1,
+                                      bool softmax, F* tiles) {
+  using K = std::conditional_t<sizeof(F) == 4, uint32_t, uint64_t>;
+  using I = std::conditional_t<sizeof(F) == 4, int32_t, int64_t>;
+  const int64_t num_bins = (slots - 1) / 2;
+  const F scale = static_cast<F>(num_bins), top = static_cast<F>(num_bins - 1);
+  F* p = tiles;
+  F* dp = p + kTile * C;
+  F* out = dp + kTile * C;
+  F* m = out + kTile * C;
+  F* sum = m + kTile;
+  F* l = sum + kTile;
+  K key[kTile];
+  for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+    const int64_t n = std::min(kTile, i1 - t0);
+    const int32_t* lab = labels + g * P + t0;
+    LoadClassMajor(x + (g * P + t0) * C, C, n, p);
+    if (softmax) Softmax(p, lab, C, n, m, sum, l);
+    for (I c = 0; c < static_cast<I>(C); ++c) {
+      const F* row = p + c * kTile;
+      const F* table = omega + (g * C + c) * slots;
+      const F sc = ct[g * C + c];
+      F* r = dp + c * kTile;
+      for (int64_t t = 0; t < n; ++t)
+        key[t] = HistogramKey<F, K, I>(row[t], lab[t], c, scale, top, num_bins);
+      // (Key 0, a void pixel's, has weight omega[0] = 0.)
+#ifdef LOVASZ_JAX_X86_CLONES
+      if constexpr (kAvx2) {
+        WeighByTableAvx2(table, key, lab, c, sc, n, r);
+        continue;
+      }
+#endif
+      WeighByTable(table, key, lab, c, sc, n, r);
+    }
+    if (!softmax) {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = dp[c * kTile + t];
+      continue;
+    }
+    F* dot = m;  // (free once the softmax is done)
+    for (int64_t t = 0; t < kTile; ++t) dot[t] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const F* row = p + c * kTile;
+      const F* r = dp + c * kTile;
+      for (int64_t t = 0; t < n; ++t) dot[t] += r[t] * row[t];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const F* row = p + c * kTile;
+      const F* r = dp + c * kTile;
+      F* o = out + c * kTile;
+      for (int64_t t = 0; t < n; ++t)
+        o[t] = lab[t] == kVoidLabel ? r[t] : row[t] * (r[t] - dot[t]);
+    }
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = out[c * kTile + t];
+  }
+}
+
+// float32: for x86-64-v3 with AVX2 gathers (chosen at run time like the
+// clones: both versions compute the same values), else the baseline.
+#ifdef LOVASZ_JAX_X86_CLONES
+__attribute__((target("arch=x86-64-v3"))) void GradTableBlockV3(
+    const float* x, const int32_t* labels, const float* omega, int64_t slots,
+    const float* ct, float* d, int64_t P, int64_t C, int64_t g, int64_t i0, int64_t i1,
+    bool softmax, float* tiles) {
+  GradTableBlock<float, true>(x, labels, omega, slots, ct, d, P, C, g, i0, i1, softmax,
+                              tiles);
+}
+#endif
+
+void GradTableBlockF32(const float* x, const int32_t* labels, const float* omega,
+                       int64_t slots, const float* ct, float* d, int64_t P, int64_t C,
+                       int64_t g, int64_t i0, int64_t i1, bool softmax, float* tiles) {
+#ifdef LOVASZ_JAX_X86_CLONES
+  static const bool v3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
+  if (v3 && slots <= INT32_MAX) {
+    GradTableBlockV3(x, labels, omega, slots, ct, d, P, C, g, i0, i1, softmax, tiles);
+    return;
+  }
+#endif
+  GradTableBlock(x, labels, omega, slots, ct, d, P, C, g, i0, i1, softmax, tiles);
+}
+
 template <typename F>
 void GradPixels(ffi::ThreadPool& pool, const F* x, const F* lse,
                 const int32_t* labels, const F* w, const F* ct, F* d,
@@ -834,6 +1157,19 @@ void GradPixels(ffi::ThreadPool& pool, const F* x, const F* lse,
       GradBlockF32(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
     else
       GradBlock(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
+  });
+}
+
+template <typename F>
+void GradTablePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
+                     const F* omega, int64_t slots, const F* ct, F* d, int64_t groups,
+                     int64_t P, int64_t C, bool softmax) {
+  ForEachPixelBlock<F>(pool, groups, P, C,
+                       [=](int64_t g, int64_t i0, int64_t i1, F* tiles) {
+    if constexpr (std::is_same_v<F, float>)
+      GradTableBlockF32(x, labels, omega, slots, ct, d, P, C, g, i0, i1, softmax, tiles);
+    else
+      GradTableBlock(x, labels, omega, slots, ct, d, P, C, g, i0, i1, softmax, tiles);
   });
 }
 
@@ -864,6 +1200,44 @@ ffi::Error GradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer lse,
     GradPixels(pool, x.typed_data<double>(), lse.typed_data<double>(), labels.typed_data(),
                w.typed_data<double>(), ct.typed_data<double>(), d->typed_data<double>(),
                groups, P, C, softmax != 0);
+  else
+    return ffi::Error::InvalidArgument("expected f32 or f64");
+  return ffi::Error::Success();
+}
+
+// lovasz_jax_grad_table: lovasz_jax_grad in histogram mode, (x [..., P, C],
+// labels [..., P], omega [..., C, 2K + 1], ct [..., C]) -> [..., P, C]: each
+// pixel's weight in row c is omega[..., c, key], its histogram key
+// recomputed from x as lovasz_jax_encode (num_bins = K) computed it.
+ffi::Error GradTableImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                         ffi::Buffer<ffi::S32> labels, ffi::AnyBuffer omega,
+                         ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> d,
+                         int64_t softmax) {
+  const auto dims = x.dimensions(), od = omega.dimensions();
+  if (dims.size() < 2 || od.size() != dims.size() || od.back() < 3 || od.back() % 2 == 0)
+    return ffi::Error::InvalidArgument(
+        "x must have rank >= 2, and omega the same rank with 2K + 1 slots");
+  const int64_t P = dims[dims.size() - 2], C = dims.back(), slots = od.back();
+  if ((slots - 1) / 2 > (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("num_bins must be in [1, 2^30]");
+  const int64_t groups = P * C == 0 ? 0 : static_cast<int64_t>(x.element_count()) / (P * C);
+  if (static_cast<int64_t>(labels.element_count()) != groups * P ||
+      d->element_count() != x.element_count() ||
+      (P * C != 0 && (static_cast<int64_t>(ct.element_count()) != groups * C ||
+                      static_cast<int64_t>(omega.element_count()) != groups * C * slots)))
+    return ffi::Error::InvalidArgument(
+        "labels must be [..., P], omega [..., C, slots] and ct [..., C]");
+  const auto t = x.element_type();
+  if (omega.element_type() != t || ct.element_type() != t || d->element_type() != t)
+    return ffi::Error::InvalidArgument("x, omega, ct and the result must share a dtype");
+  if (t == ffi::DataType::F32)
+    GradTablePixels(pool, x.typed_data<float>(), labels.typed_data(),
+                    omega.typed_data<float>(), slots, ct.typed_data<float>(),
+                    d->typed_data<float>(), groups, P, C, softmax != 0);
+  else if (t == ffi::DataType::F64)
+    GradTablePixels(pool, x.typed_data<double>(), labels.typed_data(),
+                    omega.typed_data<double>(), slots, ct.typed_data<double>(),
+                    d->typed_data<double>(), groups, P, C, softmax != 0);
   else
     return ffi::Error::InvalidArgument("expected f32 or f64");
   return ffi::Error::Success();
@@ -931,4 +1305,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxGrad, GradImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("softmax"));
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxSlots(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxSlots, SlotsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("num_bins"));
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxGradTable(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxGradTable, GradTableImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("softmax"));
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxEncodeCounts(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxEncodeCounts, EncodeCountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("num_bins")
                                   .Attr<int64_t>("softmax"));

@@ -72,21 +72,21 @@ def _axis_size(axes: tuple[str, ...]) -> int:
   return math.prod(lax.axis_size(a) for a in axes)
 
 
+def _histogram(keys, num_bins, axes):
+  """Histogram mode: each pixel's weight and each row's loss; the counts are
+  summed over ``axes``, the devices that split the rows (if any)."""
+  counts = _order.histogram_counts(keys, num_bins)
+  if axes:
+    counts = lax.psum(counts, axes)
+  omega, losses = _order.slot_weights(counts, num_bins, _extension.float_dtype(keys))
+  return _order.slot_lookup(omega, keys), losses
+
+
 def _whole_rows(keys: jax.Array, num_bins: int) -> tuple[jax.Array, jax.Array]:
   """Weights and losses of rows that are whole on this device."""
   if not num_bins:
     return _order.exact_weights(keys)
-  counts = _order.histogram_counts(keys, num_bins)
-  omega, losses = _extension.slot_weights(counts, num_bins,
-                                          _extension.float_dtype(keys))
-  return _order.slot_lookup(omega, keys), losses
-
-
-def _histogram_split(keys, num_bins, axes):
-  counts = lax.psum(_order.histogram_counts(keys, num_bins), axes)
-  omega, losses = _extension.slot_weights(counts, num_bins,
-                                          _extension.float_dtype(keys))
-  return _order.slot_lookup(omega, keys), losses
+  return _histogram(keys, num_bins, ())
 
 
 def _exact_split(keys, axes):
@@ -118,7 +118,7 @@ def split_rows(keys: jax.Array, num_bins: int,
   # (An axis of size 1 takes the same route: its collectives are trivial,
   # and the losses come out typed as the same on every device.)
   if num_bins:
-    return _histogram_split(keys, num_bins, axes)
+    return _histogram(keys, num_bins, axes)
   return _exact_split(keys, axes)
 
 
@@ -278,26 +278,68 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
   return w, losses
 
 
-# The two passes between the softmax losses' pixels and their class rows
-# (``_extension.encode_rows`` and ``rows_grad``) are independent per pixel:
-# they run wherever the pixels are, and only the class axis must be whole.
-# Their operands' layouts, after the leading (group) axes: "p" is the pixel
-# axis, "c" the class axis.
+# The passes between the softmax losses' pixels and their class rows
+# (``_extension.encode_rows`` and ``rows_grad``, and in histogram mode
+# ``histogram_table`` and ``rows_grad`` with slot weights) run wherever the
+# pixels are: only the class axis must be whole. Their operands' layouts,
+# after the leading (group) axes: "p" is the pixel axis, "c" the class axis,
+# "s" the slots of a row's histogram. A result without "p" from operands
+# with it ("table") is a sum over the pixels: each device sums its own, and
+# the devices that split the pixels add theirs up (one all-reduce).
 _PIXELWISE = {"encode": (("pc", "pc", "p"), ("cp", "p", "p")),
-              "grad": (("pc", "pc", "p", "p", "cp", "c"), ("pc",))}
+              "grad": (("pc", "pc", "p", "p", "cp", "c"), ("pc",)),
+              "table": (("pc", "pc", "p"), ("cs", "c", "p", "p")),
+              "grad_table": (("pc", "pc", "p", "p", "cs", "c"), ("pc",))}
 
 
-def _pixelwise_fns(kind: str, static: tuple):
+def _table_fns(num_bins: int, softmax: bool, axes: tuple[str, ...]):
+  """Histogram mode's forward pass: (logits, masked, labels) -> (slot
+  weights, row losses, log-sum-exp, out-of-range flags), natively (the keys
+  are counted as they are computed, never stored) and in XLA. The counts
+  are summed over ``axes`` before the slots are weighed."""
+
+  def weigh(slots_fn, counts, lse, bad):
+    if axes:
+      counts = lax.psum(counts, axes)
+    omega, losses = slots_fn(counts, num_bins, lse.dtype)
+    return omega, losses, lse, bad
+
+  def native(x, masked, labels):
+    del masked
+    return weigh(_cpu.slot_weights, *_cpu.encode_counts(x, labels, num_bins, softmax))
+
+  def portable(x, masked, labels):
+    del x
+    keys, lse, bad = _extension.encode_rows(masked, labels, num_bins, softmax)
+    return weigh(_extension.slot_weights, _order.count_slots(keys, num_bins), lse, bad)
+
+  return native, portable
+
+
+def _pixelwise_fns(kind: str, static: tuple, axes: tuple[str, ...] = ()):
   """The native and portable functions of one pass (tuples of results).
 
   Both take the logits as the loss got them and the same with void pixels
   zeroed: the native passes skip void pixels themselves and read the
   first, XLA's formulas read the second. A program compiled for one
-  platform keeps only one of the two.
+  platform keeps only one of the two. ``axes``: the mesh axes that split
+  the pixels, over which the "table" pass sums its counts.
   """
   if kind == "encode":
     return (lambda x, masked, *a: _cpu.encode_rows(x, *a, *static),
             lambda x, masked, *a: _extension.encode_rows(masked, *a, *static))
+  if kind == "table":
+    num_bins, softmax = static
+    return _table_fns(num_bins, softmax, axes)
+  if kind == "grad_table":
+    num_bins, softmax = static
+    # Both recompute each pixel's key as their own forward pass computed it
+    # (the native pass bit for bit: the same code), rather than keep them.
+    return (lambda x, masked, lse, labels, omega, ct: (
+        _cpu.rows_grad_table(x, labels, omega, ct, softmax),),
+            lambda x, masked, lse, labels, omega, ct: (_extension.rows_grad(
+                masked, lse, labels, _order.gather_rows(omega, _extension.row_keys(
+                    masked, lse, labels, num_bins, softmax)), ct, softmax),))
   return (lambda x, masked, *a: (_cpu.rows_grad(x, *a, *static),),
           lambda x, masked, *a: (_extension.rows_grad(masked, *a, *static),))
 
@@ -307,7 +349,7 @@ def _pixelwise_specs(kind: str, spec: tuple) -> tuple[list[tuple], list[tuple]]:
   ins, outs = _PIXELWISE[kind]
   lead, pixel = tuple(spec[:-2]), spec[-2]
   layout = lambda letters: lead + tuple(pixel if ch == "p" else None
-                                        for ch in letters)
+                                        for ch in letters)  # c, s: whole
   return [layout(letters) for letters in ins], [layout(letters) for letters in outs]
 
 
@@ -329,7 +371,9 @@ def _native_pixelwise(kind: str, static: tuple):
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     ins, outs = shardings(mesh, arg_shapes)
-    return mesh, native, outs, tuple(ins)
+    spec = _spec(arg_shapes[0].sharding, arg_shapes[0].ndim)
+    local, _ = _pixelwise_fns(kind, static, axis_names(spec[-2]))
+    return mesh, local, outs, tuple(ins)
 
   partitioned = custom_partitioning(native)
   ins, outs = _PIXELWISE[kind]
@@ -337,7 +381,8 @@ def _native_pixelwise(kind: str, static: tuple):
           + ", ".join("... " + " ".join(letters) for letters in outs))
   partitioned.def_partition(
       infer_sharding_from_operands=infer, partition=partition,
-      sharding_rule=rule, need_replication_factors=("c",))
+      sharding_rule=rule,
+      need_replication_factors=tuple(ch for ch in "cs" if ch in rule))
 
   # custom_partitioning has no batching rule; under vmap the mapped axis is
   # one more leading axis of every operand.
@@ -354,20 +399,35 @@ def _native_pixelwise(kind: str, static: tuple):
   return batchable
 
 
-def _pixelwise(kind: str, static: tuple, *args: jax.Array) -> tuple[jax.Array, ...]:
-  """Runs one pixelwise pass where the pixels are (see ``_PIXELWISE``)."""
-  native, portable = _pixelwise_fns(kind, static)
-  if not _order.native_ok():
-    return portable(*args)
-  mesh = _sharding.explicit_mesh(args[0])
-  if mesh is None:  # one device, automatic sharding, or inside shard_map
-    return lax.platform_dependent(*args, cpu=_native_pixelwise(kind, static),
-                                  default=portable)
-  ins, outs = _pixelwise_specs(kind, _sharding.spec_of(args[0]))
+def _pixelwise(kind: str, static: tuple, *args: jax.Array,
+               axis_name: Any = None) -> tuple[jax.Array, ...]:
+  """Runs one pixelwise pass where the pixels are (see ``_PIXELWISE``).
+
+  ``axis_name``: inside ``shard_map``, the mesh axes that split the pixels.
+  """
+  native_ok = _order.native_ok()
+  axes = axis_names(axis_name)
+  mesh = None if axes else _sharding.explicit_mesh(args[0])
+  if mesh is None:
+    native, portable = _pixelwise_fns(kind, static, axes)
+    if not native_ok:
+      return portable(*args)
+    # One device, automatic sharding (the rule splits the work), or inside
+    # shard_map (with axis_name, which the rule cannot see).
+    return lax.platform_dependent(
+        *args, cpu=native if axes else _native_pixelwise(kind, static),
+        default=portable)
+  # Explicit sharding: each device runs the pass on its own pixels (XLA's
+  # formulas too: the histogram's gathers and scatters have no explicit
+  # sharding rule of their own).
+  spec = _sharding.spec_of(args[0])
+  native, portable = _pixelwise_fns(kind, static, axis_names(spec[-2]))
+  ins, outs = _pixelwise_specs(kind, spec)
   args = tuple(_sharding.reshard(a, s, like=args[0])
                if _sharding.spec_of(a) != tuple(s) else a
                for a, s in zip(args, ins))
-  local = lambda *a: lax.platform_dependent(*a, cpu=native, default=portable)
+  local = ((lambda *a: lax.platform_dependent(*a, cpu=native, default=portable))
+           if native_ok else portable)
   return _shard_map(local, mesh, tuple(P(*s) for s in ins),
                     tuple(P(*s) for s in outs))(*args)
 
@@ -386,26 +446,59 @@ def encode_rows(x: jax.Array, masked: jax.Array, labels: jax.Array, num_bins: in
   return keys, lse, bad
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def histogram_table(x: jax.Array, masked: jax.Array, labels: jax.Array,
+                    num_bins: int, softmax: bool, axis_name: Any = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Histogram mode's rows, from the pixels, on the pixels' devices.
+
+  ``x`` and ``masked`` as for ``encode_rows``. Each row's keys
+  (``encode_rows``) are counted per slot where its pixels are (natively on
+  CPU, without storing them), the counts summed over the devices that split
+  the row (``axis_name`` inside ``shard_map``, or the mesh axes of an
+  explicitly or automatically sharded pixel axis), and weighed.
+
+  Returns:
+    The slot weights ``[..., C, 2K + 1]`` and losses ``[..., C]`` of whole
+    rows, the log-sum-exp and the out-of-range flags ``[..., P]``.
+  """
+  x, masked = lax.stop_gradient((x, masked))
+  omega, losses, lse, bad = _pixelwise("table", (num_bins, softmax), x, masked,
+                                       labels, axis_name=axis_name)
+  return omega, losses, lse, bad
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
 def rows_grad(x: jax.Array, masked: jax.Array, lse: jax.Array, labels: jax.Array,
-              w: jax.Array, ct: jax.Array, softmax: bool) -> jax.Array:
+              w: jax.Array, ct: jax.Array, softmax: bool,
+              num_bins: int = 0) -> jax.Array:
   """``_extension.rows_grad``, on the pixels' devices (native on CPU).
 
   ``x`` as the loss got it, and ``masked``, the same with void pixels zeroed
   (what XLA's formula reads; the native pass skips void pixels itself).
+  ``w``: the weights ``[..., C, P]``; in histogram mode (``num_bins``), the
+  slot weights ``[..., C, 2K + 1]`` of ``histogram_table``, each pixel's
+  weight being its slot's (its key recomputed from ``x``).
   Differentiable (Hessian-vector products differentiate the losses' backward
   pass): its derivative is that of the XLA formula.
   """
+  if num_bins:
+    return _pixelwise("grad_table", (num_bins, softmax), x, masked, lse, labels, w,
+                      ct)[0]
   return _pixelwise("grad", (softmax,), x, masked, lse, labels, w, ct)[0]
 
 
 @rows_grad.defjvp
-def _rows_grad_jvp(softmax, primals, tangents):
+def _rows_grad_jvp(softmax, num_bins, primals, tangents):
   x, masked, lse, labels, w, ct = primals
   _, t_masked, t_lse, _, t_w, t_ct = tangents
+  weights, t_weights = w, t_w
+  if num_bins:  # linear in the slot weights
+    keys = _extension.row_keys(masked, lse, labels, num_bins, softmax)
+    weights, t_weights = (_order.gather_rows(o, keys) for o in (w, t_w))
   formula = lambda a, b, v, c: _extension.rows_grad(a, b, labels, v, c, softmax)
-  _, tangent = jax.jvp(formula, (masked, lse, w, ct), (t_masked, t_lse, t_w, t_ct))
-  return rows_grad(x, masked, lse, labels, w, ct, softmax), tangent
+  _, tangent = jax.jvp(formula, (masked, lse, weights, ct),
+                       (t_masked, t_lse, t_weights, t_ct))
+  return rows_grad(x, masked, lse, labels, w, ct, softmax, num_bins), tangent
 
 
 def reduce_counts(fn: Any, arrays: tuple, *, keep: int = 0,

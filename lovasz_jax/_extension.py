@@ -136,16 +136,23 @@ def encode_rows(x: jax.Array, labels: jax.Array, num_bins: int,
             else (0, 1))
   out_of_range = jnp.any(~((x >= lo) & (x <= hi)), axis=-1)
   bad = ((labels != VOID_LABEL) & out_of_range).astype(jnp.int32)
-  if softmax:
-    lse = jax.nn.logsumexp(x, axis=-1)
-    probs = jnp.exp(x - lse[..., None])
-  else:
-    lse, probs = jnp.zeros_like(x[..., 0]), x
+  lse = jax.nn.logsumexp(x, axis=-1) if softmax else jnp.zeros_like(x[..., 0])
+  return row_keys(x, lse, labels, num_bins, softmax), lse, bad
+
+
+def row_keys(x: jax.Array, lse: jax.Array, labels: jax.Array, num_bins: int,
+             softmax: bool) -> jax.Array:
+  """The keys of ``encode_rows``, given the logits' log-sum-exp ``lse``.
+
+  The histogram gradient recomputes the keys with this, from the same
+  operands and by the same operations as the forward pass.
+  """
+  probs = jnp.exp(x - lse[..., None]) if softmax else x
   fg = labels[..., None] == lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   valid = jnp.broadcast_to((labels != VOID_LABEL)[..., None], x.shape)
   errors = jnp.abs(fg.astype(probs.dtype) - probs)
   rows = lambda a: jnp.swapaxes(a, -1, -2)
-  return encode(rows(errors), rows(fg), rows(valid), num_bins), lse, bad
+  return encode(rows(errors), rows(fg), rows(valid), num_bins)
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,
@@ -173,9 +180,6 @@ def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,
   d_probs = ct[..., None, :].astype(w.dtype) * jnp.where(fg, -w, w)
   if not softmax:
     return d_probs.astype(x.dtype)
-  # The barrier keeps XLA from merging this recomputation with the forward
-  # pass's probabilities (which would keep those alive until here).
-  x, lse = lax.optimization_barrier((x, lse))
   # The barrier keeps XLA from merging this recomputation with the forward
   # pass's probabilities (which would keep those alive until here).
   x, lse = lax.optimization_barrier((x, lse))
@@ -269,8 +273,10 @@ def slot_weights(counts: jax.Array, num_bins: int,
     dtype: float dtype of the results.
 
   Returns:
-    ``omega [..., 2K + 1]`` (0 for slot 0 and empty slots), and the row
-    losses ``[...]``.
+    ``omega [..., 2K + 1]`` (0 for slot 0; an empty slot gets the weight a
+    pixel of it would get, so that a key recomputed one rounding away, in
+    an adjacent slot, still gets a sensible weight), and the row losses
+    ``[...]``.
   """
   # Bin b holds slots 2b + 1 (background) and 2b + 2 (foreground): the
   # counts as [..., K, (bg, fg)], bins in descending order of error. One
@@ -291,8 +297,6 @@ def slot_weights(counts: jax.Array, num_bins: int,
   nb = n_bg.astype(dtype)
   w_bg = jnp.where(u == 0, 1 / jnp.maximum(nb, 1),
                    (g - tp_incl).astype(dtype) / (jnp.maximum(u, 1) * (u + nb)))
-  w_fg = jnp.where(n_fg > 0, w_fg, 0)
-  w_bg = jnp.where(n_bg > 0, w_bg, 0)
   # Built from an iota, not a NumPy constant: this runs inside
   # custom_partitioning rules, which take no constants.
   bins = num_bins - 1 - lax.broadcasted_iota(jnp.int32, n_fg.shape, n_fg.ndim - 1)

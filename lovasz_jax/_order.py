@@ -331,7 +331,10 @@ def exact_weights(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lax.platform_dependent(keys, cpu=cpu, default=_EXACT["sort2"])
 
 
-def _scatter_counts(keys: jax.Array, num_bins: int) -> jax.Array:
+def count_slots(keys: jax.Array, num_bins: int) -> jax.Array:
+  """Pixels per slot ``[..., 2K + 1]`` of ``encode_bins`` keys, in XLA."""
+  if keys.shape[-1] == 0:
+    return jnp.zeros(keys.shape[:-1] + (2 * num_bins + 1,), jnp.int32)
   return count_rows(keys, 2 * num_bins + 1)
 
 
@@ -342,13 +345,26 @@ def histogram_counts(keys: jax.Array, num_bins: int) -> jax.Array:
   if _FORCED is not None:
     if _FORCED == "native":
       return _cpu.histogram_counts(keys, num_bins=num_bins)
-    return _scatter_counts(keys, num_bins)
-  portable = functools.partial(_scatter_counts, num_bins=num_bins)
+    return count_slots(keys, num_bins)
+  portable = functools.partial(count_slots, num_bins=num_bins)
   if not _cpu.available():
     return portable(keys)
   return lax.platform_dependent(
       keys, default=portable,
       cpu=functools.partial(_cpu.histogram_counts, num_bins=num_bins))
+
+
+def slot_weights(counts: jax.Array, num_bins: int,
+                 dtype) -> tuple[jax.Array, jax.Array]:
+  """``_extension.slot_weights``: natively on CPU (a short loop per row,
+  where XLA's version is an associative scan of many small passes)."""
+  portable = functools.partial(_extension.slot_weights, num_bins=num_bins, dtype=dtype)
+  native = functools.partial(_cpu.slot_weights, num_bins=num_bins, dtype=dtype)
+  if _FORCED is not None:
+    return (native if _FORCED == "native" else portable)(counts)
+  if not _cpu.available():
+    return portable(counts)
+  return lax.platform_dependent(counts, cpu=native, default=portable)
 
 
 def slot_lookup(omega: jax.Array, keys: jax.Array) -> jax.Array:

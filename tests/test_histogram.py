@@ -45,6 +45,79 @@ def test_histogram_is_the_exact_loss_of_the_quantised_errors(seed, num_bins, per
   assert abs(float(hist) - float(exact)) <= 0.5 / num_bins + 1e-6
 
 
+def _quantised_gradient_reference(logits, labels, where, num_bins, from_logits=True):
+  """float64 d loss / d logits of the histogram loss (batch, "present").
+
+  From the definition: the errors are quantised to their bins, put in
+  descending order with foreground first within a bin, and given Alg. 1's
+  weights; each pixel takes the mean weight of its (bin, kind) slot. With
+  ``from_logits=False`` the inputs are float32 probabilities, binned as
+  float32 errors (as the loss bins them).
+  """
+  x = np.asarray(logits, np.float64)
+  num_classes = x.shape[-1]
+  p = (reference.softmax(x) if from_logits else x).reshape(-1, num_classes)
+  lab, val = labels.reshape(-1), where.reshape(-1)
+  idx = np.flatnonzero(val)
+  grad_p = np.zeros_like(p)
+  present = [c for c in range(num_classes) if np.any(lab[idx] == c)]
+  for c in present:
+    fg = lab[idx] == c
+    errors = np.abs(fg - p[idx, c])
+    if from_logits:
+      bins = np.clip(np.floor(errors * num_bins), 0, num_bins - 1)
+      # Nothing may lie within float32 rounding of a bin's edge.
+      assert np.min(np.abs(errors * num_bins - np.round(errors * num_bins))) > 1e-4
+    else:
+      scaled = np.abs(fg.astype(np.float32) - p[idx, c].astype(np.float32)) * np.float32(
+          num_bins)
+      bins = np.clip(np.floor(scaled), 0, num_bins - 1).astype(np.float64)
+    order = np.lexsort((~fg, -bins))
+    w = np.empty(idx.size)
+    w[order] = reference.alg1_weights(fg[order])
+    slot = 2 * bins + fg
+    mean = {s: w[slot == s].mean() for s in np.unique(slot)}
+    w = np.array([mean[s] for s in slot])
+    grad_p[idx, c] = np.where(fg, -w, w) / len(present)
+  if not from_logits:
+    return grad_p.reshape(x.shape)
+  grad_x = p * (grad_p - np.sum(grad_p * p, axis=-1, keepdims=True))
+  return grad_x.reshape(x.shape)
+
+
+@pytest.mark.parametrize("num_bins", [8, 64])
+def test_gradient_is_the_mean_weight_of_each_slot(num_bins):
+  rng = np.random.default_rng(11)
+  logits = (rng.normal(size=(2, 9, 7, 4)) * 1.5).astype(np.float32)
+  labels = rng.integers(0, 4, (2, 9, 7))
+  where = rng.random(labels.shape) < 0.85
+  grad = jax.jit(jax.grad(functools.partial(
+      lovasz_jax.lovasz_softmax, method="histogram", num_bins=num_bins)))(
+          logits, labels, where=where)
+  np.testing.assert_allclose(
+      grad, _quantised_gradient_reference(logits, labels, where, num_bins),
+      rtol=1e-4, atol=1e-7)
+  assert not np.any(np.asarray(grad)[~where])
+
+
+@pytest.mark.parametrize("num_bins", [16, 4096])
+def test_gradient_on_bin_edges(num_bins):
+  # Every error exactly on a bin's edge: the gradient pass, which recomputes
+  # each pixel's slot, must find the slot that the forward pass counted.
+  rng = np.random.default_rng(3)
+  k = rng.integers(0, num_bins + 1, size=(2, 150))
+  p1 = (k / num_bins).astype(np.float32)
+  probs = np.stack([1 - p1, p1], axis=-1)
+  labels = (rng.random(k.shape) < 0.4).astype(np.int32)
+  where = rng.random(k.shape) < 0.9
+  grad = jax.jit(jax.grad(functools.partial(
+      lovasz_jax.lovasz_softmax, from_logits=False, method="histogram",
+      num_bins=num_bins)))(probs, labels, where=where)
+  np.testing.assert_allclose(
+      grad, _quantised_gradient_reference(probs, labels, where, num_bins, from_logits=False),
+      rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("num_bins", [16, 256, 4096])
 def test_bound_is_attained(num_bins):
   # Every error on a bin's lower edge: each moves up by exactly 1/(2K), and
