@@ -56,11 +56,13 @@ _GRAD_TARGET = "lovasz_jax_grad"
 _SLOTS_TARGET = "lovasz_jax_slots"
 _GRAD_TABLE_TARGET = "lovasz_jax_grad_table"
 _ENCODE_COUNTS_TARGET = "lovasz_jax_encode_counts"
+_CLASS_COUNTS_TARGET = "lovasz_jax_class_counts"
 _HANDLERS = {_TARGET: "LovaszJaxWeights", _COUNTS_TARGET: "LovaszJaxCounts",
              _LOOKUP_TARGET: "LovaszJaxLookup", _ENCODE_TARGET: "LovaszJaxEncode",
              _GRAD_TARGET: "LovaszJaxGrad", _SLOTS_TARGET: "LovaszJaxSlots",
              _GRAD_TABLE_TARGET: "LovaszJaxGradTable",
-             _ENCODE_COUNTS_TARGET: "LovaszJaxEncodeCounts"}
+             _ENCODE_COUNTS_TARGET: "LovaszJaxEncodeCounts",
+             _CLASS_COUNTS_TARGET: "LovaszJaxClassCounts"}
 # Public (lovasz_jax.CPU_CUSTOM_CALL_TARGETS): the custom calls a CPU program
 # may hold, for jax.export's DisabledSafetyCheck.custom_call.
 CPU_CUSTOM_CALL_TARGETS = tuple(_HANDLERS)
@@ -318,6 +320,17 @@ def encode_counts(x: jax.Array, labels: jax.Array, num_bins: int,
   with the log-sum-exp and out-of-range flags of ``encode_rows``."""
   counts = jax.ShapeDtypeStruct(x.shape[:-2] + (x.shape[-1], 2 * num_bins + 1), "int32")
   return _encode_call(_ENCODE_COUNTS_TARGET, counts, x, labels, num_bins, softmax)
+
+
+def class_counts(labels: jax.Array, num_classes: int) -> jax.Array:
+  """Pixels per label in ``[0, num_classes)``: int32 labels ``[..., P]`` ->
+  ``[..., num_classes]`` (int32; other labels are not counted)."""
+  _need_kernel()
+  call = jax.ffi.ffi_call(
+      _CLASS_COUNTS_TARGET,
+      jax.ShapeDtypeStruct(labels.shape[:-1] + (num_classes,), "int32"),
+      vmap_method="broadcast_all")
+  return _varying_like(labels, call(labels))[0]
 
 
 def rows_grad(x: jax.Array, lse: jax.Array, labels: jax.Array, w: jax.Array,

@@ -49,10 +49,11 @@
 //
 // Entry points (at the end of the file): LovaszJaxWeights, LovaszJaxCounts,
 // LovaszJaxLookup, LovaszJaxEncode, LovaszJaxGrad, LovaszJaxSlots,
-// LovaszJaxGradTable and LovaszJaxEncodeCounts, targets "lovasz_jax_weights",
+// LovaszJaxGradTable, LovaszJaxEncodeCounts and LovaszJaxClassCounts, targets
+// "lovasz_jax_weights",
 // "lovasz_jax_counts", "lovasz_jax_lookup", "lovasz_jax_encode",
-// "lovasz_jax_grad", "lovasz_jax_slots", "lovasz_jax_grad_table" and
-// "lovasz_jax_encode_counts".
+// "lovasz_jax_grad", "lovasz_jax_slots", "lovasz_jax_grad_table",
+// "lovasz_jax_encode_counts" and "lovasz_jax_class_counts".
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -1243,6 +1244,38 @@ ffi::Error GradTableImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   return ffi::Error::Success();
 }
 
+// lovasz_jax_class_counts: labels [..., P] (s32) -> counts [..., C] (s32),
+// how many pixels of each group carry each label in [0, C) (other labels,
+// void included, count for nothing): which classes are present. Four
+// interleaved counters per class, so that runs of one label (the usual case
+// in a label map) do not make each increment wait for the one before.
+ffi::Error ClassCountsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> labels,
+                           ffi::Result<ffi::Buffer<ffi::S32>> counts) {
+  const auto ld = labels.dimensions(), cd = counts->dimensions();
+  if (ld.size() == 0 || cd.size() != ld.size())
+    return ffi::Error::InvalidArgument("labels [..., P] and counts [..., C] must share a rank");
+  const int64_t P = ld.back(), C = cd.back();
+  const int64_t groups = C == 0 ? 0 : static_cast<int64_t>(counts->element_count()) / C;
+  if (static_cast<int64_t>(labels.element_count()) != groups * P)
+    return ffi::Error::InvalidArgument("labels and counts must have the same leading axes");
+  const int32_t* lab = labels.typed_data();
+  int32_t* out = counts->typed_data();
+  ParallelRows(pool, groups, P, [=](int64_t first, int64_t last, Scratch&) {
+    std::vector<int32_t> four(static_cast<size_t>(4 * C));
+    for (int64_t g = first; g < last; ++g) {
+      std::fill(four.begin(), four.end(), 0);
+      const int32_t* l = lab + g * P;
+      for (int64_t i = 0; i < P; ++i) {
+        const int32_t v = l[i];
+        if (v >= 0 && v < C) ++four[(i & 3) * C + v];
+      }
+      for (int64_t c = 0; c < C; ++c)
+        out[g * C + c] = four[c] + four[C + c] + four[2 * C + c] + four[3 * C + c];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #if defined(_WIN32)
@@ -1338,3 +1371,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxEncodeCounts, EncodeCountsImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("num_bins")
                                   .Attr<int64_t>("softmax"));
+
+extern "C" LOVASZ_JAX_EXPORT XLA_FFI_Error* LovaszJaxClassCounts(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LovaszJaxClassCounts, ClassCountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -289,7 +289,9 @@ def row_weights(keys: jax.Array, num_bins: int, axis_name: Any = None,
 _PIXELWISE = {"encode": (("pc", "pc", "p"), ("cp", "p", "p")),
               "grad": (("pc", "pc", "p", "p", "cp", "c"), ("pc",)),
               "table": (("pc", "pc", "p"), ("cs", "c", "p", "p")),
-              "grad_table": (("pc", "pc", "p", "p", "cs", "c"), ("pc",))}
+              "grad_table": (("pc", "pc", "p", "p", "cs", "c"), ("pc",)),
+              # (The logits only give the layout and the number of classes.)
+              "classes": (("pc", "p"), ("c",))}
 
 
 def _table_fns(num_bins: int, softmax: bool, axes: tuple[str, ...]):
@@ -316,6 +318,23 @@ def _table_fns(num_bins: int, softmax: bool, axes: tuple[str, ...]):
   return native, portable
 
 
+def _class_fns(axes: tuple[str, ...]):
+  """(logits, labels) -> pixels per class ``[..., C]`` (int32; labels
+  outside ``[0, C)`` count for none), summed over ``axes``."""
+
+  def total(counts):
+    return (lax.psum(counts, axes) if axes else counts,)
+
+  def native(x, labels):
+    return total(_cpu.class_counts(labels, x.shape[-1]))
+
+  def portable(x, labels):
+    classes = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return total(jnp.sum(labels[..., None] == classes, axis=-2, dtype=jnp.int32))
+
+  return native, portable
+
+
 def _pixelwise_fns(kind: str, static: tuple, axes: tuple[str, ...] = ()):
   """The native and portable functions of one pass (tuples of results).
 
@@ -331,6 +350,8 @@ def _pixelwise_fns(kind: str, static: tuple, axes: tuple[str, ...] = ()):
   if kind == "table":
     num_bins, softmax = static
     return _table_fns(num_bins, softmax, axes)
+  if kind == "classes":
+    return _class_fns(axes)
   if kind == "grad_table":
     num_bins, softmax = static
     # Both recompute each pixel's key as their own forward pass computed it
@@ -465,6 +486,15 @@ def histogram_table(x: jax.Array, masked: jax.Array, labels: jax.Array,
   omega, losses, lse, bad = _pixelwise("table", (num_bins, softmax), x, masked,
                                        labels, axis_name=axis_name)
   return omega, losses, lse, bad
+
+
+def class_counts(x: jax.Array, labels: jax.Array, axis_name: Any = None) -> jax.Array:
+  """Pixels per class ``[..., C]`` (int32) of int32 labels ``[..., P]`` (a
+  label outside ``[0, C)``, void included, counts for none), summed over
+  the devices that split the pixels, like ``histogram_table``'s counts.
+  ``x``: the logits ``[..., P, C]``, which give the layout."""
+  return _pixelwise("classes", (), lax.stop_gradient(x), labels,
+                    axis_name=axis_name)[0]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))

@@ -282,8 +282,9 @@ def _softmax_impl(logits, labels, where, class_weights, *, axis, classes,
       x, lab, val, bad, selected, from_logits, class_chunk_size, num_bins,
       rows_axis, not per_image, axis_name)               # [G, C], []
   if classes == "present":
-    fg = lab[:, :, None] == np.arange(num_classes)[None, None, :]
-    counted = global_any(fg & val[:, :, None], rows_axis, axis=1)
+    # (Counted where the pixels are: natively on CPU, one pass.)
+    counted = _distribute.class_counts(
+        x, jnp.where(val, lab, -1), rows_axis) > 0
   else:
     counted = (global_any(val, rows_axis, axis=-1)[:, None]
                & np.asarray(selected)[None, :])
