@@ -852,9 +852,11 @@ void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
 // Histogram mode: the encode pass counting each row's keys into counts
 // [groups, C, 2K + 1] as it computes them, without writing them. The blocks
 // are split into contiguous stripes, one per participating thread (at most
-// kMaxStripes), each counting into its own table (the first into counts);
+// kMaxStripes, and only as many as keep the extra tables within
+// kStripeBytes), each counting into its own table (the first into counts);
 // the tables are then summed, row by row.
 constexpr int64_t kMaxStripes = 16;
+constexpr int64_t kStripeBytes = int64_t{1} << 26;
 
 template <typename F>
 void EncodeCountPixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
@@ -866,7 +868,9 @@ void EncodeCountPixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
   const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock, units = groups * blocks;
   if (units == 0) return;
   const int64_t threads = units * kPixelBlock * C < kParallelKeys ? 1 : pool.num_threads();
-  const int64_t stripes = std::max<int64_t>(1, std::min({units, threads, kMaxStripes}));
+  const int64_t affordable = 1 + kStripeBytes / (table * static_cast<int64_t>(sizeof(int32_t)));
+  const int64_t stripes =
+      std::max<int64_t>(1, std::min({units, threads, kMaxStripes, affordable}));
   std::vector<int32_t> partial(static_cast<size_t>((stripes - 1) * table), 0);
   int32_t* extra = partial.data();
   ParallelRows(pool, stripes, (units / stripes) * kPixelBlock * C,

@@ -320,7 +320,8 @@ def _table_fns(num_bins: int, softmax: bool, axes: tuple[str, ...]):
 
 def _class_fns(axes: tuple[str, ...]):
   """(logits, labels) -> pixels per class ``[..., C]`` (int32; labels
-  outside ``[0, C)`` count for none), summed over ``axes``."""
+  outside ``[0, C)`` count for none; XLA's version counts at most 1 per
+  class), summed over ``axes``."""
 
   def total(counts):
     return (lax.psum(counts, axes) if axes else counts,)
@@ -329,8 +330,10 @@ def _class_fns(axes: tuple[str, ...]):
     return total(_cpu.class_counts(labels, x.shape[-1]))
 
   def portable(x, labels):
+    # (Whether each class occurs, 0 or 1: a sum of int32s over the pixels
+    # would make XLA materialise them, [..., P, C] of them.)
     classes = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return total(jnp.sum(labels[..., None] == classes, axis=-2, dtype=jnp.int32))
+    return total(jnp.any(labels[..., None] == classes, axis=-2).astype(jnp.int32))
 
   return native, portable
 
@@ -489,10 +492,12 @@ def histogram_table(x: jax.Array, masked: jax.Array, labels: jax.Array,
 
 
 def class_counts(x: jax.Array, labels: jax.Array, axis_name: Any = None) -> jax.Array:
-  """Pixels per class ``[..., C]`` (int32) of int32 labels ``[..., P]`` (a
-  label outside ``[0, C)``, void included, counts for none), summed over
-  the devices that split the pixels, like ``histogram_table``'s counts.
-  ``x``: the logits ``[..., P, C]``, which give the layout."""
+  """Which classes occur: int32 ``[..., C]``, positive where some pixel of
+  the int32 labels ``[..., P]`` carries the class (natively the number of
+  such pixels; a label outside ``[0, C)``, void included, counts for none),
+  summed over the devices that split the pixels, like
+  ``histogram_table``'s counts. ``x``: the logits ``[..., P, C]``, which
+  give the layout."""
   return _pixelwise("classes", (), lax.stop_gradient(x), labels,
                     axis_name=axis_name)[0]
 

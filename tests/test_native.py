@@ -159,6 +159,44 @@ def test_threaded_kernel_matches_portable_path(shape, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(1, 20_000, 5), (3, 9_000, 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("softmax", [True, False])
+def test_counting_encode_pass_counts_the_keys_of_the_encode_pass(shape, dtype, softmax):
+  # Enough blocks of pixels that several threads count into tables of their
+  # own, which are then summed: the counts must be exactly those of the
+  # keys that the (storing) encode pass computes, and the log-sum-exp and
+  # flags the same.
+  with jax.enable_x64(dtype == np.float64):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape) * 3
+    if not softmax:
+      x = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+    x = jnp.asarray(x, dtype)
+    labels = rng.integers(0, shape[-1], shape[:-1]).astype(np.int32)
+    labels = jnp.asarray(np.where(rng.random(shape[:-1]) < 0.1, _extension.VOID_LABEL,
+                                  labels))
+    keys, lse, bad = jax.jit(lambda v, y: _cpu.encode_rows(v, y, 64, softmax))(x, labels)
+    counts, lse2, bad2 = jax.jit(lambda v, y: _cpu.encode_counts(v, y, 64, softmax))(
+        x, labels)
+    want = jax.jit(lambda k: _cpu.histogram_counts(k, 64))(keys)
+    np.testing.assert_array_equal(counts, want)
+    np.testing.assert_array_equal(lse2, lse)
+    np.testing.assert_array_equal(bad2, bad)
+    assert int(counts.sum()) == labels.size * shape[-1]
+
+
+@needs_kernel
+def test_class_counts_count_each_valid_label():
+  rng = np.random.default_rng(2)
+  labels = rng.integers(-3, 9, (3, 70_001)).astype(np.int32)
+  labels[1, :40_000] = 4  # a long run of one label
+  counts = jax.jit(lambda y: _cpu.class_counts(y, 7))(jnp.asarray(labels))
+  want = [np.bincount(row[(row >= 0) & (row < 7)], minlength=7) for row in labels]
+  np.testing.assert_array_equal(counts, np.stack(want))
+
+
+@needs_kernel
 def test_threaded_loss_and_grad_match_portable_process(tmp_path):
   # 4 classes x 2 x 128 x 68 pixels = 69,632 keys in one kernel call.
   logits, labels = softmax_inputs((2, 128, 68, 4))
