@@ -557,9 +557,11 @@ constexpr int64_t kPixelBlock = 4096;
 constexpr int64_t kTile = 64;
 
 // The float32 passes are compiled twice on x86-64: for the baseline, and
-// for x86-64-v3 (AVX2 and FMA: eight lanes where the baseline has four),
-// chosen when the library loads (an ifunc). The work is the same, bit for
-// bit up to FMA contraction, which changes the last bit of some products.
+// for x86-64-v3 (AVX2 and FMA: eight lanes where the baseline has four,
+// 8 x 8 block transposes between the layouts, gathers), chosen at run time
+// (the softmax of a tile by an ifunc, target_clones; the passes by
+// HasV3). The work is the same, bit for bit up to FMA contraction, which
+// changes the last bit of some products.
 #ifdef LOVASZ_JAX_X86_CLONES
 #define LOVASZ_JAX_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -699,9 +701,80 @@ void ForEachPixelBlock(ffi::ThreadPool& pool, int64_t groups, int64_t P, int64_t
   });
 }
 
+#ifdef LOVASZ_JAX_X86_CLONES
+// In-register transpose of eight rows of eight floats.
+__attribute__((target("arch=x86-64-v3"))) inline void Transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Moves the 8 x 8 blocks of a tile between pixel-major rows of C values
+// (stride C) and class-major rows of kTile (stride kTile): pixels [0, n8)
+// and classes [0, c8), multiples of 8. to_tile: from x into the tile.
+__attribute__((target("arch=x86-64-v3"))) void TransposeBlocks(float* x, int64_t C,
+                                                               int64_t n8, int64_t c8,
+                                                               float* tile, bool to_tile) {
+  __m256 r[8];
+  for (int64_t t = 0; t < n8; t += 8)
+    for (int64_t c = 0; c < c8; c += 8) {
+      if (to_tile) {
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(x + (t + j) * C + c);
+        Transpose8(r);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(tile + (c + j) * kTile + t, r[j]);
+      } else {
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(tile + (c + j) * kTile + t);
+        Transpose8(r);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(x + (t + j) * C + c, r[j]);
+      }
+    }
+}
+#endif
+
+// tile[c * kTile + t] <-> x[t, c] for t < n, c < C, by 8 x 8 blocks (kAvx2)
+// and then one value at a time.
+template <bool kAvx2, typename F>
+LOVASZ_JAX_INLINE void MoveTile(F* x, int64_t C, int64_t n, F* tile, bool to_tile) {
+  int64_t n8 = 0, c8 = 0;
+#ifdef LOVASZ_JAX_X86_CLONES
+  if constexpr (kAvx2 && std::is_same_v<F, float>) {
+    n8 = n & ~int64_t{7};
+    c8 = C & ~int64_t{7};
+    TransposeBlocks(x, C, n8, c8, tile, to_tile);
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = t < n8 ? c8 : 0; c < C; ++c) {
+      if (to_tile)
+        tile[c * kTile + t] = x[t * C + c];
+      else
+        x[t * C + c] = tile[c * kTile + t];
+    }
+}
+
 // x[t0 + t, c] -> tile[c * kTile + t] for t < n (the rest of the tile: 0).
-template <typename F>
+template <typename F, bool kAvx2 = false>
 LOVASZ_JAX_INLINE void LoadClassMajor(const F* x, int64_t C, int64_t n, F* tile) {
+  if constexpr (kAvx2) {
+    MoveTile<kAvx2>(const_cast<F*>(x), C, n, tile, true);
+    if (n < kTile)
+      for (int64_t c = 0; c < C; ++c)
+        std::fill(tile + c * kTile + n, tile + (c + 1) * kTile, F(0));
+    return;
+  }
   for (int64_t t = 0; t < n; ++t)
     for (int64_t c = 0; c < C; ++c) tile[c * kTile + t] = x[t * C + c];
   if (n < kTile)
@@ -757,7 +830,7 @@ LOVASZ_JAX_INLINE void Softmax(F* e, const int32_t* lab, int64_t C, int64_t n, F
 // One block of pixels [i0, i1) of group g; tiles: Tiles<F>(C).v. With
 // counts (histogram mode), the keys are not written but counted into
 // counts[c, key] (the group's [C, 2K + 1] table).
-template <typename F, typename K>
+template <typename F, typename K, bool kAvx2 = false>
 LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
                                    int32_t* counts, F* lse, int32_t* bad, int64_t P,
                                    int64_t C, int64_t g, int64_t i0, int64_t i1,
@@ -775,7 +848,7 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
     const int32_t* lab = labels + g * P + t0;
-    LoadClassMajor(x + (g * P + t0) * C, C, n, p);
+    LoadClassMajor<F, kAvx2>(x + (g * P + t0) * C, C, n, p);
     for (int64_t t = 0; t < kTile; ++t) out_of_range[t] = 0;
     for (int64_t c = 0; c < C; ++c) {
       const F* row = p + c * kTile;
@@ -816,13 +889,37 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
   }
 }
 
-LOVASZ_JAX_CLONES void EncodeBlockF32(const float* x, const int32_t* labels,
-                                      uint32_t* keys, int32_t* counts, float* lse,
-                                      int32_t* bad, int64_t P, int64_t C, int64_t g,
-                                      int64_t i0, int64_t i1, int64_t num_bins,
-                                      bool softmax, float* tiles) {
-  EncodeBlock(x, labels, keys, counts, lse, bad, P, C, g, i0, i1, num_bins, softmax,
-              tiles);
+// The float32 passes for x86-64-v3 (AVX2, FMA: eight lanes, 8 x 8 block
+// transposes, gathers), chosen at run time when the CPU has it, else for the
+// baseline. Both compute the same values (the probabilities in the one
+// SoftmaxTileF32, bit for bit up to its own clones' FMA contraction).
+#ifdef LOVASZ_JAX_X86_CLONES
+bool HasV3() {
+  static const bool v3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
+  return v3;
+}
+
+__attribute__((target("arch=x86-64-v3"))) void EncodeBlockV3(
+    const float* x, const int32_t* labels, uint32_t* keys, int32_t* counts, float* lse,
+    int32_t* bad, int64_t P, int64_t C, int64_t g, int64_t i0, int64_t i1,
+    int64_t num_bins, bool softmax, float* tiles) {
+  EncodeBlock<float, uint32_t, true>(x, labels, keys, counts, lse, bad, P, C, g, i0, i1,
+                                     num_bins, softmax, tiles);
+}
+#endif
+
+void EncodeBlockF32(const float* x, const int32_t* labels, uint32_t* keys,
+                    int32_t* counts, float* lse, int32_t* bad, int64_t P, int64_t C,
+                    int64_t g, int64_t i0, int64_t i1, int64_t num_bins, bool softmax,
+                    float* tiles) {
+#ifdef LOVASZ_JAX_X86_CLONES
+  if (HasV3()) {
+    EncodeBlockV3(x, labels, keys, counts, lse, bad, P, C, g, i0, i1, num_bins, softmax,
+                  tiles);
+    return;
+  }
+#endif
+  EncodeBlock(x, labels, keys, counts, lse, bad, P, C, g, i0, i1, num_bins, softmax, tiles);
 }
 
 template <typename F, typename K>
@@ -977,7 +1074,7 @@ ffi::Error EncodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 }
 
 // One block of pixels [i0, i1) of group g; tiles: Tiles<F>(C).v.
-template <typename F>
+template <typename F, bool kAvx2 = false>
 LOVASZ_JAX_INLINE void GradBlock(const F* x, const F* lse, const int32_t* labels,
                                  const F* w, const F* ct, F* d, int64_t P, int64_t C,
                                  int64_t g, int64_t i0, int64_t i1, bool softmax,
@@ -998,11 +1095,10 @@ LOVASZ_JAX_INLINE void GradBlock(const F* x, const F* lse, const int32_t* labels
       for (int64_t t = 0; t < n; ++t) r[t] = (lab[t] == c ? -scale : scale) * row[t];
     }
     if (!softmax) {
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = dp[c * kTile + t];
+      MoveTile<kAvx2>(d + (g * P + t0) * C, C, n, dp, false);
       continue;
     }
-    LoadClassMajor(x + (g * P + t0) * C, C, n, p);
+    LoadClassMajor<F, kAvx2>(x + (g * P + t0) * C, C, n, p);
     const F* l = lse + g * P + t0;
     for (int64_t t = 0; t < kTile; ++t) dot[t] = 0;
     for (int64_t c = 0; c < C; ++c) {
@@ -1020,16 +1116,28 @@ LOVASZ_JAX_INLINE void GradBlock(const F* x, const F* lse, const int32_t* labels
       for (int64_t t = 0; t < n; ++t)
         o[t] = lab[t] == kVoidLabel ? r[t] : row[t] * (r[t] - dot[t]);
     }
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = out[c * kTile + t];
+    MoveTile<kAvx2>(d + (g * P + t0) * C, C, n, out, false);
   }
 }
 
-LOVASZ_JAX_CLONES void GradBlockF32(const float* x, const float* lse,
-                                    const int32_t* labels, const float* w,
-                                    const float* ct, float* d, int64_t P, int64_t C,
-                                    int64_t g, int64_t i0, int64_t i1, bool softmax,
-                                    float* tiles) {
+#ifdef LOVASZ_JAX_X86_CLONES
+__attribute__((target("arch=x86-64-v3"))) void GradBlockV3(
+    const float* x, const float* lse, const int32_t* labels, const float* w,
+    const float* ct, float* d, int64_t P, int64_t C, int64_t g, int64_t i0, int64_t i1,
+    bool softmax, float* tiles) {
+  GradBlock<float, true>(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
+}
+#endif
+
+void GradBlockF32(const float* x, const float* lse, const int32_t* labels, const float* w,
+                  const float* ct, float* d, int64_t P, int64_t C, int64_t g, int64_t i0,
+                  int64_t i1, bool softmax, float* tiles) {
+#ifdef LOVASZ_JAX_X86_CLONES
+  if (HasV3()) {
+    GradBlockV3(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
+    return;
+  }
+#endif
   GradBlock(x, lse, labels, w, ct, d, P, C, g, i0, i1, softmax, tiles);
 }
 
@@ -1085,7 +1193,7 @@ LOVASZ_JAX_INLINE void GradTableBlock(const F* x, const int32_t* labels, const F
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
     const int32_t* lab = labels + g * P + t0;
-    LoadClassMajor(x + (g * P + t0) * C, C, n, p);
+    LoadClassMajor<F, kAvx2>(x + (g * P + t0) * C, C, n, p);
     if (softmax) Softmax(p, lab, C, n, m, sum, l);
     for (I c = 0; c < static_cast<I>(C); ++c) {
       const F* row = p + c * kTile;
@@ -1104,8 +1212,7 @@ LOVASZ_JAX_INLINE void GradTableBlock(const F* x, const int32_t* labels, const F
       WeighByTable(table, key, lab, c, sc, n, r);
     }
     if (!softmax) {
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = dp[c * kTile + t];
+      MoveTile<kAvx2>(d + (g * P + t0) * C, C, n, dp, false);
       continue;
     }
     F* dot = m;  // (free once the softmax is done)
@@ -1122,13 +1229,10 @@ LOVASZ_JAX_INLINE void GradTableBlock(const F* x, const int32_t* labels, const F
       for (int64_t t = 0; t < n; ++t)
         o[t] = lab[t] == kVoidLabel ? r[t] : row[t] * (r[t] - dot[t]);
     }
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < C; ++c) d[(g * P + t0 + t) * C + c] = out[c * kTile + t];
+    MoveTile<kAvx2>(d + (g * P + t0) * C, C, n, out, false);
   }
 }
 
-// float32: for x86-64-v3 with AVX2 gathers (chosen at run time like the
-// clones: both versions compute the same values), else the baseline.
 #ifdef LOVASZ_JAX_X86_CLONES
 __attribute__((target("arch=x86-64-v3"))) void GradTableBlockV3(
     const float* x, const int32_t* labels, const float* omega, int64_t slots,
@@ -1143,8 +1247,7 @@ void GradTableBlockF32(const float* x, const int32_t* labels, const float* omega
                        int64_t slots, const float* ct, float* d, int64_t P, int64_t C,
                        int64_t g, int64_t i0, int64_t i1, bool softmax, float* tiles) {
 #ifdef LOVASZ_JAX_X86_CLONES
-  static const bool v3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
-  if (v3 && slots <= INT32_MAX) {
+  if (HasV3() && slots <= INT32_MAX) {
     GradTableBlockV3(x, labels, omega, slots, ct, d, P, C, g, i0, i1, softmax, tiles);
     return;
   }

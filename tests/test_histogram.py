@@ -258,3 +258,21 @@ def test_sigmoid_histogram_within_the_bound(axis):
   g_hist = jax.grad(functools.partial(lovasz_jax.lovasz_sigmoid, axis=axis,
                                       method="histogram"))(logits, labels)
   assert np.linalg.norm(g_hist - g_exact) / np.linalg.norm(g_exact) < 0.02
+
+
+@pytest.mark.parametrize("num_classes", [8, 19])
+def test_gradient_with_eight_or_more_classes(num_classes):
+  # The native passes move 8 x 8 blocks between the pixel-major logits and
+  # the class-major tiles (x86-64-v3), and the rest one value at a time:
+  # 8 and 19 classes, and a pixel count that leaves partial blocks.
+  rng = np.random.default_rng(num_classes)
+  x = rng.random((1, 203, num_classes)) ** 3
+  probs = (x / x.sum(-1, keepdims=True)).astype(np.float32)
+  labels = rng.integers(0, num_classes, (1, 203))
+  where = rng.random(labels.shape) < 0.9
+  grad = jax.jit(jax.grad(functools.partial(
+      lovasz_jax.lovasz_softmax, from_logits=False, method="histogram", num_bins=64)))(
+          probs, labels, where=where)
+  np.testing.assert_allclose(
+      grad, _quantised_gradient_reference(probs, labels, where, 64, from_logits=False),
+      rtol=1e-5, atol=1e-9)

@@ -381,3 +381,20 @@ def test_class_chunks_give_the_same_value_and_grad(chunk):
                                                   class_chunk_size=chunk))
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
     np.testing.assert_allclose(chunked[1], whole[1], atol=1e-8)
+
+
+@pytest.mark.parametrize("num_classes", [8, 19])
+def test_float32_with_eight_or_more_classes_matches_reference(num_classes):
+  # The native float32 passes move 8 x 8 blocks between the pixel-major
+  # logits and the class-major tiles (x86-64-v3), and the rest one value at
+  # a time: 8 and 19 classes, and a pixel count that leaves partial blocks.
+  rng = np.random.default_rng(num_classes)
+  logits = (rng.normal(size=(1, 203, num_classes)) * 2).astype(np.float32)
+  labels = rng.integers(0, num_classes, (1, 203))
+  where = rng.random(labels.shape) < 0.9
+  value, grad = _loss_and_grad(logits, labels, {"where": where})
+  ref_value, ref_grad = reference.lovasz_softmax(logits, labels, where=where)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  # (float32 may order two errors within its resolution differently.)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-3, atol=2e-6)
+  assert not np.any(np.asarray(grad)[~where])
