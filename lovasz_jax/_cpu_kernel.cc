@@ -149,6 +149,7 @@ double Walk(int64_t n, int64_t g, SortedKey sorted_key, Pixel pixel, F* out) {
 
 struct Scratch {
   std::vector<uint64_t> a, b;
+  int64_t participant = -1;  // EncodeCountPixels: whose count table
 };
 
 // Only the head of a row needs ordering. In descending order, once every
@@ -244,8 +245,9 @@ double Row64(const uint64_t* keys, double* out, int64_t n, Scratch& s) {
 }
 
 // Calls work(first, last, scratch) on chunks of rows [0, rows): on the
-// calling thread, and on up to pool.num_threads() - 1 pool tasks when the call
-// has at least kParallelKeys keys. Each participant has one Scratch.
+// calling thread, and on up to min(pool.num_threads(), max_threads) - 1 pool
+// tasks when the call has at least kParallelKeys keys. Each participant has
+// one Scratch.
 constexpr int64_t kParallelKeys = int64_t{1} << 16;
 // A chunk holds at least this many keys, so claiming one costs little.
 constexpr int64_t kChunkKeys = int64_t{1} << 14;
@@ -280,8 +282,10 @@ struct SharedRows {
 };
 
 template <typename Work>
-void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work) {
-  const int64_t threads = rows * n < kParallelKeys ? 1 : pool.num_threads();
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work,
+                  int64_t max_threads = INT64_MAX) {
+  const int64_t threads =
+      rows * n < kParallelKeys ? 1 : std::min<int64_t>(pool.num_threads(), max_threads);
   const int64_t chunk = std::max<int64_t>(
       std::min<int64_t>(kChunkKeys / std::max<int64_t>(n, 1) + 1,
                         rows / std::max<int64_t>(threads, 1)), 1);
@@ -304,9 +308,11 @@ void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work) {
        // that benchmarks/bench.py can time both in one run.
 
 template <typename Work>
-void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work) {
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, Work work,
+                  int64_t max_threads = INT64_MAX) {
   (void)pool;
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t hw = std::max<int64_t>(
+      1, std::min<int64_t>(std::thread::hardware_concurrency(), max_threads));
   const int64_t workers = std::min<int64_t>(rows, hw);
   auto run = [&](int64_t first, int64_t last) {
     Scratch scratch;
@@ -722,14 +728,39 @@ __attribute__((target("arch=x86-64-v3"))) inline void Transpose8(__m256* r) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// Moves the 8 x 8 blocks of a tile between pixel-major rows of C values
-// (stride C) and class-major rows of kTile (stride kTile): pixels [0, n8)
-// and classes [0, c8), multiples of 8. to_tile: from x into the tile.
+// Moves pixels [0, n8) (a multiple of 8) of a tile between pixel-major rows
+// of C values (stride C) and class-major rows of kTile (stride kTile), by
+// 8 x 8 blocks. to_tile: from x into the tile. The last C % 8 classes are
+// blocks too, read with masked loads. Written back, each pixel's block of
+// them is stored whole, its last lanes spilling into the following pixels'
+// values, which their own stores (all later) then overwrite, unless the
+// spill would leave the eight pixels: then it is a masked store, so that
+// nothing outside the eight pixels' values is ever written.
 __attribute__((target("arch=x86-64-v3"))) void TransposeBlocks(float* x, int64_t C,
-                                                               int64_t n8, int64_t c8,
-                                                               float* tile, bool to_tile) {
+                                                               int64_t n8, float* tile,
+                                                               bool to_tile) {
+  const int64_t c8 = C & ~int64_t{7}, rest = C - c8;
+  alignas(32) static constexpr int32_t kLanes[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  const __m256i mask = _mm256_cmpgt_epi32(
+      _mm256_set1_epi32(static_cast<int32_t>(rest)),
+      _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes)));
   __m256 r[8];
-  for (int64_t t = 0; t < n8; t += 8)
+  for (int64_t t = 0; t < n8; t += 8) {
+    if (rest && to_tile) {
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_maskload_ps(x + (t + j) * C + c8, mask);
+      Transpose8(r);
+      for (int64_t j = 0; j < rest; ++j) _mm256_storeu_ps(tile + (c8 + j) * kTile + t, r[j]);
+    } else if (rest) {
+      for (int j = 0; j < 8; ++j)
+        r[j] = j < rest ? _mm256_loadu_ps(tile + (c8 + j) * kTile + t) : _mm256_setzero_ps();
+      Transpose8(r);
+      for (int j = 0; j < 8; ++j) {
+        if (j * C + c8 + 8 <= 8 * C)
+          _mm256_storeu_ps(x + (t + j) * C + c8, r[j]);
+        else
+          _mm256_maskstore_ps(x + (t + j) * C + c8, mask, r[j]);
+      }
+    }
     for (int64_t c = 0; c < c8; c += 8) {
       if (to_tile) {
         for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(x + (t + j) * C + c);
@@ -741,6 +772,7 @@ __attribute__((target("arch=x86-64-v3"))) void TransposeBlocks(float* x, int64_t
         for (int j = 0; j < 8; ++j) _mm256_storeu_ps(x + (t + j) * C + c, r[j]);
       }
     }
+  }
 }
 #endif
 
@@ -748,16 +780,15 @@ __attribute__((target("arch=x86-64-v3"))) void TransposeBlocks(float* x, int64_t
 // and then one value at a time.
 template <bool kAvx2, typename F>
 LOVASZ_JAX_INLINE void MoveTile(F* x, int64_t C, int64_t n, F* tile, bool to_tile) {
-  int64_t n8 = 0, c8 = 0;
+  int64_t n8 = 0;
 #ifdef LOVASZ_JAX_X86_CLONES
   if constexpr (kAvx2 && std::is_same_v<F, float>) {
     n8 = n & ~int64_t{7};
-    c8 = C & ~int64_t{7};
-    TransposeBlocks(x, C, n8, c8, tile, to_tile);
+    TransposeBlocks(x, C, n8, tile, to_tile);
   }
 #endif
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = t < n8 ? c8 : 0; c < C; ++c) {
+  for (int64_t t = n8; t < n; ++t)
+    for (int64_t c = 0; c < C; ++c) {
       if (to_tile)
         tile[c * kTile + t] = x[t * C + c];
       else
@@ -844,7 +875,7 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
   const F lo = softmax ? -std::numeric_limits<F>::max() : F(0);
   const F hi = softmax ? std::numeric_limits<F>::max() : F(1);
   int32_t out_of_range[kTile];
-  K tile_keys[kTile];
+  K tile_keys[2 * kTile];  // two rows' keys, counted together
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
     const int32_t* lab = labels + g * P + t0;
@@ -866,14 +897,25 @@ LOVASZ_JAX_INLINE void EncodeBlock(const F* x, const int32_t* labels, K* keys,
     using I = std::conditional_t<sizeof(F) == 4, int32_t, int64_t>;
     for (I c = 0; c < static_cast<I>(C); ++c) {
       const F* row = p + c * kTile;
-      K* out = counts ? tile_keys : keys + (g * C + c) * P + t0;
+      K* out = counts ? tile_keys + (c & 1) * kTile : keys + (g * C + c) * P + t0;
       if (num_bins) {
         const F scale = static_cast<F>(num_bins);
         const F top = static_cast<F>(num_bins - 1);
         for (int64_t t = 0; t < n; ++t)
           out[t] = HistogramKey<F, K, I>(row[t], lab[t], c, scale, top, num_bins);
-        if (counts) {
-          int32_t* table = counts + c * (2 * num_bins + 1);
+        // Counted by pairs of rows, one pixel of each in turn: two
+        // increments of one slot in a row (many pixels share a bin) are
+        // then further apart, and each waits less for the one before.
+        const int64_t slots = 2 * num_bins + 1;
+        if (counts && (c & 1)) {
+          int32_t* a = counts + (c - 1) * slots;
+          int32_t* b = a + slots;
+          for (int64_t t = 0; t < n; ++t) {
+            ++a[tile_keys[t]];
+            ++b[tile_keys[kTile + t]];
+          }
+        } else if (counts && c == static_cast<I>(C) - 1) {
+          int32_t* table = counts + c * slots;
           for (int64_t t = 0; t < n; ++t) ++table[out[t]];
         }
       } else {
@@ -948,10 +990,11 @@ void EncodePixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
 
 // Histogram mode: the encode pass counting each row's keys into counts
 // [groups, C, 2K + 1] as it computes them, without writing them. The blocks
-// are split into contiguous stripes, one per participating thread (at most
-// kMaxStripes, and only as many as keep the extra tables within
-// kStripeBytes), each counting into its own table (the first into counts);
-// the tables are then summed, row by row.
+// are claimed one by one like rows (so that a thread held up elsewhere
+// holds up no share of the work), by at most kMaxStripes threads, and only
+// as many as keep their extra tables within kStripeBytes; each counts into
+// a table of its own (the first to start into counts), and the tables are
+// then summed, row by row.
 constexpr int64_t kMaxStripes = 16;
 constexpr int64_t kStripeBytes = int64_t{1} << 26;
 
@@ -970,19 +1013,18 @@ void EncodeCountPixels(ffi::ThreadPool& pool, const F* x, const int32_t* labels,
       std::max<int64_t>(1, std::min({units, threads, kMaxStripes, affordable}));
   std::vector<int32_t> partial(static_cast<size_t>((stripes - 1) * table), 0);
   int32_t* extra = partial.data();
-  ParallelRows(pool, stripes, (units / stripes) * kPixelBlock * C,
-               [=](int64_t first, int64_t last, Scratch&) {
+  auto participants = std::make_shared<std::atomic<int64_t>>(0);
+  ParallelRows(pool, units, kPixelBlock * C,
+               [=](int64_t first, int64_t last, Scratch& scratch) {
+    if (scratch.participant < 0) scratch.participant = participants->fetch_add(1);
+    int32_t* mine = scratch.participant == 0 ? counts : extra + (scratch.participant - 1) * table;
     Tiles<F> tiles(C);
-    for (int64_t st = first; st < last; ++st) {
-      int32_t* mine = st == 0 ? counts : extra + (st - 1) * table;
-      for (int64_t u = st * units / stripes; u < (st + 1) * units / stripes; ++u) {
-        const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
-        EncodeAny(x, labels, static_cast<K*>(nullptr), mine + g * C * slots, lse, bad, P,
-                  C, g, i0, std::min(P, i0 + kPixelBlock), num_bins, softmax,
-                  tiles.v.data());
-      }
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t g = u / blocks, i0 = (u % blocks) * kPixelBlock;
+      EncodeAny(x, labels, static_cast<K*>(nullptr), mine + g * C * slots, lse, bad, P, C,
+                g, i0, std::min(P, i0 + kPixelBlock), num_bins, softmax, tiles.v.data());
     }
-  });
+  }, stripes);
   if (stripes > 1)
     ParallelRows(pool, groups * C, slots * stripes,
                  [=](int64_t first, int64_t last, Scratch&) {

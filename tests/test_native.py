@@ -187,6 +187,38 @@ def test_counting_encode_pass_counts_the_keys_of_the_encode_pass(shape, dtype, s
 
 
 @needs_kernel
+@pytest.mark.parametrize("num_classes", list(range(1, 18)) + [21])
+def test_pixel_passes_move_every_value_for_any_class_count(num_classes):
+  # The float32 passes move 8 x 8 blocks between the pixel-major values and
+  # the class-major tiles, the last num_classes % 8 classes with masked
+  # loads and with stores that spill into the next pixels' values (then
+  # overwritten): any class count, partial blocks and tiles, and values
+  # whose moves can be checked exactly. Probabilities in: the keys are
+  # those of the portable encode pass, bit for bit.
+  rng = np.random.default_rng(num_classes)
+  pixels = 203
+  p = rng.random((2, pixels, num_classes)).astype(np.float32)
+  labels = rng.integers(0, num_classes, (2, pixels)).astype(np.int32)
+  labels[:, ::7] = _extension.VOID_LABEL
+  labels, x = jnp.asarray(labels), jnp.asarray(p)
+  for bins in (0, 64):
+    keys, _, bad = jax.jit(lambda v, y: _cpu.encode_rows(v, y, bins, False))(x, labels)
+    want, _, want_bad = _extension.encode_rows(x, labels, bins, False)
+    np.testing.assert_array_equal(keys, want)
+    np.testing.assert_array_equal(bad, want_bad)
+  # Gradient with respect to the probabilities: ct_c w[c, i], negated in
+  # the pixel's own class, one product per value.
+  w = rng.random((2, num_classes, pixels)).astype(np.float32)
+  ct = rng.random((2, num_classes)).astype(np.float32) + 1
+  lse = jnp.zeros((2, pixels), jnp.float32)
+  d = jax.jit(lambda v: _cpu.rows_grad(v, lse, labels, jnp.asarray(w), jnp.asarray(ct),
+                                       False))(x)
+  sign = np.where(np.asarray(labels)[:, :, None] == np.arange(num_classes), -1, 1)
+  want = (sign * ct[:, None, :]).astype(np.float32) * np.swapaxes(w, 1, 2)
+  np.testing.assert_array_equal(d, want)
+
+
+@needs_kernel
 def test_class_counts_count_each_valid_label():
   rng = np.random.default_rng(2)
   labels = rng.integers(-3, 9, (3, 70_001)).astype(np.int32)
