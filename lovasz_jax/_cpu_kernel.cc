@@ -812,9 +812,10 @@ LOVASZ_JAX_INLINE void LoadClassMajor(const F* x, int64_t C, int64_t n, F* tile)
     for (int64_t c = 0; c < C; ++c) std::fill(tile + c * kTile + n, tile + (c + 1) * kTile, F(0));
 }
 
-// Probabilities of a class-major tile of logits, in place, and each pixel's
-// log-sum-exp. Void pixels' logits are replaced by 0 first (they may hold
-// anything): their probabilities are then 1 / C, used by nothing.
+// Probabilities of a class-major tile of logits, in place, and (unless lse is
+// null) each pixel's log-sum-exp. Void pixels' logits are replaced by 0 first
+// (they may hold anything): their probabilities are then 1 / C, used by
+// nothing.
 template <typename F>
 LOVASZ_JAX_INLINE void SoftmaxTile(F* e, const int32_t* lab, int64_t C, int64_t n, F* m, F* s,
                  F* lse) {
@@ -832,7 +833,8 @@ LOVASZ_JAX_INLINE void SoftmaxTile(F* e, const int32_t* lab, int64_t C, int64_t 
       s[t] += row[t];
     }
   }
-  for (int64_t t = 0; t < kTile; ++t) lse[t] = m[t] + LogPositive(s[t]);
+  if (lse)  // (not wanted by the histogram gradient pass)
+    for (int64_t t = 0; t < kTile; ++t) lse[t] = m[t] + LogPositive(s[t]);
   for (int64_t t = 0; t < kTile; ++t) s[t] = F(1) / s[t];
   for (int64_t c = 0; c < C; ++c) {
     F* row = e + c * kTile;
@@ -1230,13 +1232,12 @@ LOVASZ_JAX_INLINE void GradTableBlock(const F* x, const int32_t* labels, const F
   F* out = dp + kTile * C;
   F* m = out + kTile * C;
   F* sum = m + kTile;
-  F* l = sum + kTile;
   K key[kTile];
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
     const int32_t* lab = labels + g * P + t0;
     LoadClassMajor<F, kAvx2>(x + (g * P + t0) * C, C, n, p);
-    if (softmax) Softmax(p, lab, C, n, m, sum, l);
+    if (softmax) Softmax(p, lab, C, n, m, sum, static_cast<F*>(nullptr));
     for (I c = 0; c < static_cast<I>(C); ++c) {
       const F* row = p + c * kTile;
       const F* table = omega + (g * C + c) * slots;
