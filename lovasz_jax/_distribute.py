@@ -605,7 +605,7 @@ def _row_losses_jvp(num_bins, axis_name, spans_batch, primals, tangents):
   errors, fg, valid = primals
   keys = _extension.encode(errors, fg, valid, num_bins)
   w, losses = row_weights(keys, num_bins, axis_name, spans_batch)
-  tangent = jnp.sum(tangents[0] * w, axis=-1)
+  tangent = _extension.row_dot(tangents[0], w)
   if axis_name is not None:  # each device holds a part of every row
     tangent = lax.psum(tangent, axis_name)
   return losses, tangent

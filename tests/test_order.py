@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lovasz_jax
 from lovasz_jax import _cpu, _distribute, _extension, _order
 from tests import reference
 
@@ -54,6 +55,32 @@ def test_exact_weights_match_alg1(path, dtype):
       np.testing.assert_allclose(np.asarray(w[i])[v], ref_grad, rtol=1e-5, atol=1e-9)
       np.testing.assert_allclose(losses[i], ref_loss, rtol=1e-6)
       assert not np.asarray(w[i])[~v].any()
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_float32_loss_of_long_rows(path):
+  # Rows of 17,408 pixels: summed term after term in float32, this loss
+  # drifts by 2.7e-5; it must stay within 1e-6 of the float64 reference.
+  logits = jax.random.normal(jax.random.key(0), (2, 128, 68, 4))
+  labels = jax.random.randint(jax.random.key(1), (2, 128, 68), 0, 4)
+  with _order.use_path(path):
+    loss = jax.jit(lovasz_jax.lovasz_softmax)(logits, labels)
+  ref, _ = reference.lovasz_softmax(np.asarray(logits, np.float64), np.asarray(labels))
+  np.testing.assert_allclose(loss, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("native", [False, True] if _cpu.available() else [False])
+def test_float32_histogram_loss_of_many_bins(native):
+  # 8,192 bins in one row: the loss is a sum over 16,384 slots.
+  num_bins = 8192
+  rng = np.random.default_rng(12)
+  counts = rng.integers(0, 50, (1, 2 * num_bins + 1)).astype(np.int32)
+  weigh = _cpu.slot_weights if native else _extension.slot_weights
+  _, losses = jax.jit(functools.partial(weigh, num_bins=num_bins, dtype=jnp.float32))(counts)
+  with jax.enable_x64(True):
+    _, ref = jax.jit(functools.partial(_extension.slot_weights, num_bins=num_bins,
+                                       dtype=jnp.float64))(jnp.asarray(counts))
+  np.testing.assert_allclose(losses, ref, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
