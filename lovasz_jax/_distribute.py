@@ -605,7 +605,10 @@ def _row_losses_jvp(num_bins, axis_name, spans_batch, primals, tangents):
   errors, fg, valid = primals
   keys = _extension.encode(errors, fg, valid, num_bins)
   w, losses = row_weights(keys, num_bins, axis_name, spans_batch)
-  tangent = _extension.row_dot(tangents[0], w)
+  # A reduce, not _extension.row_dot: a dot over the pixel axis of rows
+  # sharded on an explicit mesh raises ShardingTypeError (its contracting
+  # axis is sharded), where a sum is reduced over the devices.
+  tangent = jnp.sum(tangents[0] * w, axis=-1)
   if axis_name is not None:  # each device holds a part of every row
     tangent = lax.psum(tangent, axis_name)
   return losses, tangent
