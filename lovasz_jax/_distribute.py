@@ -605,9 +605,9 @@ def _row_losses_jvp(num_bins, axis_name, spans_batch, primals, tangents):
   errors, fg, valid = primals
   keys = _extension.encode(errors, fg, valid, num_bins)
   w, losses = row_weights(keys, num_bins, axis_name, spans_batch)
-  # A reduce, not _extension.row_dot: a dot over the pixel axis of rows
-  # sharded on an explicit mesh raises ShardingTypeError (its contracting
-  # axis is sharded), where a sum is reduced over the devices.
+  # A plain reduce, not _extension.row_dot: these rows may be sharded over
+  # their pixels on an explicit mesh, where a reduce is summed over the
+  # devices but row_dot's blocks would cut across them.
   tangent = jnp.sum(tangents[0] * w, axis=-1)
   if axis_name is not None:  # each device holds a part of every row
     tangent = lax.psum(tangent, axis_name)
