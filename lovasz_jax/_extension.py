@@ -70,7 +70,9 @@ def row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   one reduce; 3.37x either way at (2, 256, 256, 21).)
   """
   n = a.shape[-1]
-  if n <= _SUM_BLOCK:
+  # A symbolic row length (shape-polymorphic export) cannot be cut into
+  # blocks: one reduce, as XLA chooses to add it.
+  if not isinstance(n, int) or n <= _SUM_BLOCK:
     return jnp.sum(a * b, axis=-1)
   whole = n - n % _SUM_BLOCK
   blocks = lambda v: v[..., :whole].reshape(v.shape[:-1] + (-1, _SUM_BLOCK))
