@@ -69,18 +69,25 @@ def row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   the logits on the portable path at (1, 96, 96, 19), against 3.38x with
   one reduce; 3.37x either way at (2, 256, 256, 21).)
   """
-  n = a.shape[-1]
+  return _blocked_sum(a * b)
+
+
+def _blocked_sum(v: jax.Array) -> jax.Array:
+  """``sum(v, axis=-1)`` by levels of ``_SUM_BLOCK`` terms (see row_dot)."""
+  n = v.shape[-1]
   # A symbolic row length (shape-polymorphic export) cannot be cut into
   # blocks: one reduce, as XLA chooses to add it.
   if not isinstance(n, int) or n <= _SUM_BLOCK:
-    return jnp.sum(a * b, axis=-1)
-  whole = n - n % _SUM_BLOCK
-  blocks = lambda v: v[..., :whole].reshape(v.shape[:-1] + (-1, _SUM_BLOCK))
-  parts = [jnp.sum(blocks(a) * blocks(b), axis=-1)]
+    return jnp.sum(v, axis=-1)
+  num_blocks = n // _SUM_BLOCK
+  whole = num_blocks * _SUM_BLOCK
+  # The block count is spelt out, not -1: a batch of zero rows has no size
+  # to infer it from.
+  parts = [jnp.sum(v[..., :whole].reshape(v.shape[:-1] + (num_blocks, _SUM_BLOCK)),
+                   axis=-1)]
   if whole < n:
-    parts.append(jnp.sum(a[..., whole:] * b[..., whole:], axis=-1, keepdims=True))
-  v = lax.optimization_barrier(jnp.concatenate(parts, axis=-1))
-  return row_dot(v, jnp.ones_like(v))
+    parts.append(jnp.sum(v[..., whole:], axis=-1, keepdims=True))
+  return _blocked_sum(lax.optimization_barrier(jnp.concatenate(parts, axis=-1)))
 
 
 def encode_keys(errors: jax.Array, fg: jax.Array, valid: jax.Array) -> jax.Array:
