@@ -65,7 +65,7 @@ $(VENV)/.dist: pyproject.toml | $(BIN)/python
 # The tests that run on 8 host devices in subprocesses (the layout matrix,
 # tests/test_layouts.py, about 2 minutes on 2 cores; the sharded losses'
 # values, memory and collectives, and their lowering for GPU and TPU,
-# tests/test_sharding.py and tests/test_lowering.py, about 3) run in
+# tests/test_sharding.py and tests/test_lowering.py, about 2.5) run in
 # ci-extra instead (check-layouts, check-sharding, and against the installed
 # wheel in check-wheel), to keep this under about 12 minutes. The rest runs
 # in TEST_WORKERS pytest-xdist workers, one test file per worker at a time
